@@ -1,0 +1,3 @@
+//! Guest/host ABI of the enlightenment device (free and priority bitmaps).
+//! Filled in by the guest-module issue.
+#![no_std]

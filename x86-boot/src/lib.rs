@@ -1,0 +1,1 @@
+//! x86-64 boot setup (see Cargo.toml description).
