@@ -9,6 +9,7 @@
 //! | `kv`   | `share=PCT` of RAM filled (default 50), `value=BYTES` value size (default 1024), `ratio=SET:GET` (default 1:9), `theta=F` Zipf skew (default 0.99) |
 //! | `disk` | `size=SIZE` bytes of disk exercised (default 16M, capped at the disk size), `block=SIZE` request size (default 4096) |
 //! | `virtio-garbage` | no keys; a test workload that writes garbage to virtio registers, descriptors and rings |
+//! | `fault` | no keys; a test workload that executes `ud2` with no IDT, i.e. triple-faults the VM |
 //!
 //! Common keys: `duration=SECONDS` (run phase length; 0 = until stopped, the
 //! default), `seed=N` (default 1).
@@ -23,10 +24,13 @@ pub enum Workload {
     Kv = 2,
     Disk = 3,
     VirtioGarbage = 4,
+    /// Test workload: triple-faults (ud2 at CPL3 with no IDT).
+    Fault = 5,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 4] = [Workload::Mem, Workload::Kv, Workload::Disk, Workload::VirtioGarbage];
+    pub const ALL: [Workload; 5] =
+        [Workload::Mem, Workload::Kv, Workload::Disk, Workload::VirtioGarbage, Workload::Fault];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -34,6 +38,7 @@ impl Workload {
             Self::Kv => "kv",
             Self::Disk => "disk",
             Self::VirtioGarbage => "virtio-garbage",
+            Self::Fault => "fault",
         }
     }
 
@@ -123,7 +128,7 @@ impl fmt::Display for SpecError<'_> {
         match self {
             Self::Empty => write!(f, "empty workload specification; expected one of mem, kv, disk"),
             Self::UnknownWorkload(w) => {
-                write!(f, "unknown workload `{w}`; expected one of mem, kv, disk, virtio-garbage")
+                write!(f, "unknown workload `{w}`; expected one of mem, kv, disk (test-only: virtio-garbage, fault)")
             }
             Self::UnknownKey { workload, key } => {
                 write!(f, "unknown key `{key}` for workload `{workload}`; valid keys: {}", valid_keys(workload))
