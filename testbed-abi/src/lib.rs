@@ -517,13 +517,11 @@ mod tests {
         let buf = [0u8; BootInfo::ENCODED_LEN];
         assert_eq!(BootInfo::decode(&buf), Err(BootInfoError::BadMagic));
         assert_eq!(BootInfo::decode(&buf[..10]), Err(BootInfoError::TooShort));
-        let mut bi = BootInfo::default();
-        bi.vcpus = 0;
+        let bi = BootInfo { vcpus: 0, ..Default::default() };
         let mut buf = [0u8; BootInfo::ENCODED_LEN];
         bi.encode(&mut buf);
         assert_eq!(BootInfo::decode(&buf), Err(BootInfoError::BadCount));
-        let mut bi = BootInfo::default();
-        bi.cmdline_len = 5000;
+        let bi = BootInfo { cmdline_len: 5000, ..Default::default() };
         bi.encode(&mut buf);
         assert_eq!(BootInfo::decode(&buf), Err(BootInfoError::BadCmdline));
         assert!(BootInfo::default().set_cmdline(&"x".repeat(2000)).is_err());
