@@ -28,7 +28,8 @@ pub const PAGE_SIZE: u64 = 4096;
 
 /// GDT (and the 64-bit TSS right after it at [`TSS_GPA`]).
 pub const GDT_GPA: u64 = 0x1000;
-/// 64-bit TSS (104 bytes; no I/O bitmap: IOPL=3 grants port access).
+/// 64-bit TSS with an I/O permission bitmap allowing every port (PVM consults
+/// the bitmap even at IOPL=3); it ends before [`BOOT_INFO_GPA`].
 pub const TSS_GPA: u64 = 0x1800;
 /// Boot information page written by the VMM (or the multiboot stub).
 pub const BOOT_INFO_GPA: u64 = 0x7000;

@@ -1,1 +1,23 @@
+//! The `vmm` library: a KVM virtual machine monitor built on rust-vmm crates.
+//!
+//! - [`memory`]: guest RAM as anonymous NORESERVE mappings, one KVM slot per region.
+//! - [`vm`]: creating a VM (KVM, irqchip, PIT, devices, boot) and running it.
+//! - [`vcpu`]: one thread per vCPU and the handling of every KVM exit.
+//! - [`control`]: pause, resume, park and the reason a VM ended.
+//! - [`bus`], [`devices`]: port I/O and MMIO devices.
+//! - [`testbed`]: the built-in CPL3 testbed guest.
+//! - [`linux`]: the Linux boot protocol (for hardware-KVM hosts).
+//! - [`api`]: the control socket.
 
+pub mod api;
+pub mod arch;
+pub mod bus;
+pub mod control;
+pub mod cpuid;
+pub mod devices;
+pub mod linux;
+pub mod memory;
+pub mod testbed;
+pub mod vcpu;
+pub mod vm;
+pub mod vstate;

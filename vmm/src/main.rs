@@ -1,1 +1,194 @@
-fn main() {}
+//! `vmm`: a KVM virtual machine monitor for VM migration and streaming.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use vmm::vm::{BootSource, SerialOut, Vm, VmConfig};
+
+/// Exit status for a run whose guest failed (fault, workload errors, device errors).
+const EXIT_GUEST_FAILED: u8 = 1;
+/// Exit status for bad input (arguments, files, configuration).
+const EXIT_BAD_INPUT: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "vmm",
+    version,
+    about = "A KVM virtual machine monitor for kernel-assisted migration and appliance streaming",
+    long_about = "A KVM virtual machine monitor for kernel-assisted migration and appliance streaming.\n\n\
+        It boots either a Linux kernel (Linux boot protocol: bzImage or vmlinux, initramfs, command line) \
+        or the built-in testbed guest, a small program whose workloads run at CPL3 and report statistics \
+        the VMM can read.\n\nLogging goes to stderr; set RUST_LOG=debug for more.",
+    after_help = "Examples:\n  \
+        vmm run --testbed kv,duration=5 --mem 1G\n  \
+        vmm run --testbed disk,duration=3 --disk disk.img\n  \
+        vmm run --kernel bzImage --initramfs initrd.img --cmdline 'console=ttyS0' --disk rootfs.img\n  \
+        vmm api --api-sock /tmp/vmm.sock status"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot and run a VM until it ends.
+    Run(RunArgs),
+    /// Send one command to a running VMM's API socket and print the JSON reply.
+    Api {
+        /// The VMM's API socket.
+        #[arg(long, value_name = "PATH")]
+        api_sock: PathBuf,
+        /// status, pause, resume or shutdown.
+        command: String,
+    },
+    /// Write the built-in testbed guest image (an ELF with a multiboot header) to a file,
+    /// e.g. to boot it in QEMU: qemu-system-x86_64 -enable-kvm -kernel FILE -append kv,duration=5
+    /// -device isa-debug-exit,iobase=0xf4,iosize=4
+    TestbedImage {
+        /// Where to write the image.
+        #[arg(long, short, value_name = "FILE")]
+        output: PathBuf,
+    },
+}
+
+#[derive(Args)]
+#[command(after_help = "Testbed workloads (--testbed WORKLOAD[,key=value...]):\n  \
+    mem   wss=SIZE|PCT% (default 50%), rate=PAGES_PER_SEC (0 = unlimited)\n  \
+    kv    share=PCT of RAM (default 50), value=BYTES (1024), ratio=SET:GET (1:9), theta=ZIPF (0.99)\n  \
+    disk  size=SIZE exercised (16M), block=SIZE per request (4096); needs --disk\n  \
+    all   duration=SECONDS of run phase (0 = until shut down), seed=N\n\n\
+    With the testbed guest, the last line of stdout is a JSON object with the final statistics\n\
+    (ops, ops_per_sec, errors, ...). Exit status: 0 success, 1 the guest failed or reported errors,\n\
+    2 bad input.")]
+struct RunArgs {
+    /// Linux kernel to boot (bzImage or ELF vmlinux).
+    #[arg(long, value_name = "FILE", conflicts_with = "testbed", required_unless_present = "testbed")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk for the Linux kernel.
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    initramfs: Option<PathBuf>,
+    /// Kernel command line (virtio_mmio.device= entries are appended for each disk).
+    #[arg(long, value_name = "STR", requires = "kernel", default_value = "console=ttyS0 reboot=k panic=1")]
+    cmdline: String,
+    /// Run the built-in testbed guest with this workload: WORKLOAD[,key=value...].
+    #[arg(long, value_name = "WORKLOAD[,KEY=VALUE...]")]
+    testbed: Option<String>,
+    /// Guest memory size (K, M, G suffixes).
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_mem)]
+    mem: u64,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    vcpus: u32,
+    /// Raw disk image attached as a virtio-blk device (repeatable).
+    #[arg(long, value_name = "FILE")]
+    disk: Vec<PathBuf>,
+    /// Serial console output: `stdout` or a file path.
+    #[arg(long, value_name = "stdout|FILE", default_value = "stdout")]
+    serial: String,
+    /// Serve the control API (status, pause, resume, shutdown) on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+}
+
+fn parse_mem(s: &str) -> Result<u64, String> {
+    testbed_abi::parse_size(s).ok_or_else(|| format!("`{s}` is not a size; use e.g. 512M or 2G"))
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let boot = match (args.kernel, args.testbed) {
+        (Some(kernel), None) => BootSource::Linux { kernel, initramfs: args.initramfs, cmdline: args.cmdline },
+        (None, Some(spec)) => BootSource::Testbed { spec },
+        _ => unreachable!("clap enforces exactly one of --kernel and --testbed"),
+    };
+    let serial = match args.serial.as_str() {
+        "stdout" => SerialOut::Stdout,
+        path => SerialOut::File(PathBuf::from(path)),
+    };
+    let cfg = VmConfig { mem_size: args.mem, vcpus: args.vcpus, boot, disks: args.disk, serial };
+    let vm = match Vm::create(cfg) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    let _api = match &args.api_sock {
+        Some(path) => match vmm::api::ApiServer::start(path, vm.shared()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("vmm: cannot serve the API on {}: {e}", path.display());
+                return ExitCode::from(EXIT_BAD_INPUT);
+            }
+        },
+        None => None,
+    };
+    let line_start = vm.serial_line_start();
+    let outcome = match vm.run() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            return ExitCode::from(EXIT_GUEST_FAILED);
+        }
+    };
+    if let Some(report) = &outcome.report {
+        vmm::vm::print_last_line(&line_start, &report.to_string());
+    }
+    if let vmm::control::ExitReason::Fault { message, .. } = &outcome.reason {
+        eprintln!("vmm: the guest failed: {message}");
+    }
+    if outcome.workload_errors > 0 {
+        eprintln!("vmm: the guest workload reported {} errors", outcome.workload_errors);
+    }
+    if outcome.device_errors > 0 {
+        eprintln!(
+            "vmm: the guest violated the virtio protocol {} time(s); last: {}",
+            outcome.device_errors,
+            outcome.last_device_error.as_deref().unwrap_or("?")
+        );
+    }
+    if outcome.success() {
+        ExitCode::SUCCESS
+    } else {
+        if matches!(outcome.reason, vmm::control::ExitReason::GuestExit(_)) && outcome.workload_errors == 0 {
+            eprintln!("vmm: the guest ended with {:?}", outcome.reason);
+        }
+        ExitCode::from(EXIT_GUEST_FAILED)
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Api { api_sock, command } => match vmm::api::request(&api_sock, &command) {
+            Ok(v) => {
+                println!("{v}");
+                if v["ok"] == true {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(EXIT_GUEST_FAILED)
+                }
+            }
+            Err(e) => {
+                eprintln!("vmm: {e}");
+                ExitCode::from(EXIT_BAD_INPUT)
+            }
+        },
+        Command::TestbedImage { output } => match std::fs::write(&output, vmm::testbed::GUEST_ELF) {
+            Ok(()) => {
+                println!("{}", output.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vmm: cannot write {}: {e}", output.display());
+                ExitCode::from(EXIT_BAD_INPUT)
+            }
+        },
+    }
+}

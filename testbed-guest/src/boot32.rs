@@ -1,0 +1,1 @@
+//! The multiboot entry for QEMU's `-kernel` (filled in below).

@@ -1,0 +1,360 @@
+//! The testbed guest: a freestanding program whose workloads run at CPL3.
+//!
+//! Entered by the VMM (or by the multiboot stub in `boot32.rs`) in 64-bit
+//! mode at CPL3 with IOPL=3, identity-mapped memory and no IDT, with RDI =
+//! vCPU index and RSI = the boot info page (see `testbed-abi`). Every vCPU
+//! runs `_start`; vCPU 0 initialises the console and the stats page, then
+//! all vCPUs run the workload on their own share of RAM and report in the
+//! stats page. When the duration ends, vCPU 0 writes the exit code.
+#![no_std]
+#![no_main]
+
+mod boot32;
+mod disk;
+mod hw;
+mod virtio;
+
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use testbed_abi::{stats_off as so, BootInfo, ExitCode, Phase, Workload, WorkloadSpec, BOOT_INFO_GPA, PAGE_SIZE};
+use testbed_workloads::kv::{Kv, KvConfig};
+use testbed_workloads::mem::Mem;
+use testbed_workloads::Batch;
+
+use hw::{pause, rdtsc, stat32, stat64};
+
+/// vCPU 0 finished initialisation.
+static READY: AtomicU32 = AtomicU32::new(0);
+/// vCPUs that finished their fill phase.
+static FILLED: AtomicU32 = AtomicU32::new(0);
+/// TSC at which the run phase starts (0 = not yet).
+static RUN_START: AtomicU64 = AtomicU64::new(0);
+/// TSC frequency in kHz, as vCPU 0 determined it.
+static TSC_KHZ: AtomicU64 = AtomicU64::new(0);
+/// vCPUs that finished their run phase.
+static FINISHED: AtomicU32 = AtomicU32::new(0);
+
+/// Operations between clock checks and stats updates.
+const BATCH: u64 = 64;
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    println!("testbed: PANIC: {info}");
+    stat32(so::PHASE, Phase::Failed as u32);
+    hw::exit(ExitCode::Failed)
+}
+
+fn fail(msg: core::fmt::Arguments) -> ! {
+    println!("testbed: error: {msg}");
+    stat32(so::PHASE, Phase::Failed as u32);
+    hw::exit(ExitCode::Failed)
+}
+
+fn boot_info() -> BootInfo {
+    // SAFETY: the boot info page is identity-mapped RAM written before entry
+    // and only read afterwards.
+    let page = unsafe { core::slice::from_raw_parts(BOOT_INFO_GPA as *const u8, BootInfo::ENCODED_LEN) };
+    match BootInfo::decode(page) {
+        Ok(b) => b,
+        Err(e) => fail(format_args!("bad boot info: {e}")),
+    }
+}
+
+/// Calibrates the TSC against PIT channel 2 (the QEMU path, where the boot
+/// info has no TSC frequency): 20 ms, mode 0, polled through port 0x61.
+fn calibrate_tsc_khz() -> u64 {
+    const PIT_HZ: u64 = 1_193_182;
+    const MS: u64 = 20;
+    let count = (PIT_HZ * MS / 1000) as u16;
+    let gate = hw::inb(0x61);
+    hw::outb(0x61, (gate & !0x02) | 0x01);
+    hw::outb(0x43, 0xb0);
+    hw::outb(0x42, count as u8);
+    hw::outb(0x42, (count >> 8) as u8);
+    let t0 = rdtsc();
+    let mut spins = 0u64;
+    while hw::inb(0x61) & 0x20 == 0 {
+        spins += 1;
+        if spins > 50_000_000 {
+            println!("testbed: PIT calibration timed out; assuming a 2 GHz TSC");
+            return 2_000_000;
+        }
+    }
+    let t1 = rdtsc();
+    hw::outb(0x61, gate);
+    (t1 - t0) / MS
+}
+
+/// This vCPU's share of the heap: the largest contiguous piece of the
+/// `index`-th of `n` equal slices of all RAM above `heap_start`.
+fn share(bi: &BootInfo, index: u32, n: u32) -> (u64, u64) {
+    let pieces = bi.mem_regions().iter().filter_map(|r| {
+        let start = r.start.max(bi.heap_start);
+        let end = r.start + r.len;
+        (end > start).then_some((start, end))
+    });
+    let total: u64 = pieces.clone().map(|(s, e)| e - s).sum();
+    let per = total / n as u64 / PAGE_SIZE * PAGE_SIZE;
+    let (lo, hi) = (per * index as u64, per * (index as u64 + 1));
+    // Walk the heap as one offset space and clip it to [lo, hi).
+    let mut best = (0, 0);
+    let mut off = 0;
+    for (s, e) in pieces {
+        let len = e - s;
+        let a = lo.max(off);
+        let b = hi.min(off + len);
+        if b > a && b - a > best.1 {
+            best = (s + (a - off), b - a);
+        }
+        off += len;
+    }
+    best
+}
+
+/// Seconds and TSC helpers for the run loop.
+struct Clock {
+    ticks_per_sec: u64,
+}
+
+impl Clock {
+    fn secs(&self, ticks: u64) -> u64 {
+        ticks / self.ticks_per_sec.max(1)
+    }
+}
+
+/// Per-vCPU stats record.
+struct Record {
+    base: usize,
+    ops: u64,
+    errors: u64,
+    checksum: u64,
+}
+
+impl Record {
+    fn new(index: u32) -> Self {
+        Self { base: so::PER_VCPU + index as usize * so::PER_VCPU_LEN, ops: 0, errors: 0, checksum: 0 }
+    }
+    fn add(&mut self, b: Batch) {
+        self.ops += b.ops;
+        self.errors += b.errors;
+        self.checksum ^= b.checksum;
+        stat64(self.base + so::V_OPS, self.ops);
+        stat64(self.base + so::V_ERRORS, self.errors);
+        stat64(self.base + so::V_CHECKSUM, self.checksum);
+    }
+    fn phase(&self, p: Phase) {
+        stat32(self.base + so::V_PHASE, p as u32);
+    }
+}
+
+enum Work<'a> {
+    Kv(Kv<'a>),
+    Mem(Mem<'a>),
+}
+
+#[no_mangle]
+pub extern "C" fn _start(vcpu: u64, _boot_info: u64) -> ! {
+    let index = vcpu as u32;
+    let bi = boot_info();
+    let spec = match WorkloadSpec::parse(bi.cmdline_str()) {
+        Ok(s) => s,
+        Err(e) => fail(format_args!("{e}")),
+    };
+    let n = bi.vcpus;
+    if index == 0 {
+        hw::Serial::init();
+        let khz = if bi.tsc_khz != 0 { bi.tsc_khz } else { calibrate_tsc_khz() };
+        TSC_KHZ.store(khz, Ordering::Relaxed);
+        stat64(so::MAGIC, testbed_abi::STATS_MAGIC);
+        stat32(so::VERSION, testbed_abi::STATS_VERSION);
+        stat32(so::WORKLOAD, spec.workload as u32);
+        stat32(so::VCPUS, n);
+        stat64(so::TSC_KHZ, khz);
+        stat32(so::PHASE, Phase::Fill as u32);
+        println!(
+            "testbed: {} on {} vCPU(s), {} MiB RAM, TSC {} kHz, spec `{}`",
+            spec.workload.name(),
+            n,
+            bi.total_ram() >> 20,
+            khz,
+            bi.cmdline_str()
+        );
+        READY.store(1, Ordering::Release);
+    } else {
+        while READY.load(Ordering::Acquire) == 0 {
+            pause();
+        }
+    }
+    let clock = Clock { ticks_per_sec: TSC_KHZ.load(Ordering::Relaxed) * 1000 };
+
+    match spec.workload {
+        Workload::Fault => {
+            if index == 0 {
+                println!("testbed: executing ud2 with no IDT (triple fault)");
+                hw::triple_fault();
+            }
+            hw::park();
+        }
+        Workload::Disk | Workload::VirtioGarbage => {
+            if index != 0 {
+                hw::park();
+            }
+            let r = if spec.workload == Workload::Disk {
+                disk::run(&bi, &spec, &clock_fn(&clock))
+            } else {
+                disk::garbage(&bi, &spec)
+            };
+            finish_single(r, &clock)
+        }
+        Workload::Kv | Workload::Mem => run_memory_workload(index, n, &bi, &spec, &clock),
+    }
+}
+
+/// A closure-free clock reader for the disk module.
+fn clock_fn(clock: &Clock) -> disk::Clock {
+    disk::Clock { ticks_per_sec: clock.ticks_per_sec }
+}
+
+/// Ends a single-vCPU workload (disk, garbage) that ran on vCPU 0.
+fn finish_single(r: Batch, clock: &Clock) -> ! {
+    let mut rec = Record::new(0);
+    rec.add(r);
+    stat64(so::RUN_END_TSC, rdtsc());
+    rec.phase(Phase::Done);
+    stat32(so::PHASE, Phase::Done as u32);
+    let start = RUN_START.load(Ordering::Relaxed);
+    println!("testbed: done: ops={} errors={} in {} s", r.ops, r.errors, clock.secs(rdtsc().saturating_sub(start)));
+    hw::exit(ExitCode::Done)
+}
+
+/// Marks the start of the run phase (single-vCPU workloads).
+pub fn start_run_phase() {
+    let now = rdtsc();
+    RUN_START.store(now, Ordering::Relaxed);
+    stat64(so::RUN_START_TSC, now);
+    stat64(so::NOW_TSC, now);
+    stat32(so::PHASE, Phase::Run as u32);
+}
+
+/// Reports a heartbeat (stats page) from a single-vCPU workload.
+pub fn heartbeat(ops: u64, errors: u64) {
+    let rec = Record::new(0);
+    stat64(rec.base + so::V_OPS, ops);
+    stat64(rec.base + so::V_ERRORS, errors);
+    stat64(so::NOW_TSC, rdtsc());
+}
+
+fn run_memory_workload(index: u32, n: u32, bi: &BootInfo, spec: &WorkloadSpec, clock: &Clock) -> ! {
+    let (base, len) = share(bi, index, n);
+    let total_ram = bi.total_ram();
+    let want = match spec.workload {
+        Workload::Kv => total_ram / 100 * spec.kv.share_pct as u64 / n as u64,
+        _ => spec.mem.wss.resolve(total_ram) / n as u64,
+    };
+    let bytes = want.min(len) / PAGE_SIZE * PAGE_SIZE;
+    // SAFETY: [base, base+bytes) is this vCPU's exclusive share of RAM above
+    // the image, stacks and tables (heap_start), per the boot contract.
+    let words = unsafe { hw::ram_words(base, (bytes / 8) as usize) };
+    let mut rec = Record::new(index);
+    rec.phase(Phase::Fill);
+    let mut work = match spec.workload {
+        Workload::Kv => {
+            let cfg = KvConfig {
+                value_size: spec.kv.value_size as usize,
+                sets: spec.kv.sets,
+                gets: spec.kv.gets,
+                theta: spec.kv.theta_milli as f64 / 1000.0,
+                seed: spec.seed ^ (index as u64) << 32,
+            };
+            match Kv::new(words, cfg) {
+                Some(kv) => Work::Kv(kv),
+                None => fail(format_args!("vCPU {index}: {bytes} bytes are too few for the kv store")),
+            }
+        }
+        _ => match Mem::new(words, spec.seed ^ (index as u64) << 32) {
+            Some(m) => Work::Mem(m),
+            None => fail(format_args!("vCPU {index}: empty working set")),
+        },
+    };
+
+    // Fill phase.
+    if let Work::Kv(kv) = &mut work {
+        if index == 0 {
+            println!("testbed: filling {} MiB per vCPU with {} keys", bytes >> 20, kv.keys());
+        }
+        let mut filled = 0;
+        while !kv.is_filled() {
+            let b = kv.fill(4096);
+            filled += b.ops;
+            rec.errors += b.errors;
+            stat64(rec.base + so::V_FILL_OPS, filled);
+            stat64(rec.base + so::V_ERRORS, rec.errors);
+        }
+    }
+    FILLED.fetch_add(1, Ordering::AcqRel);
+    if index == 0 {
+        while FILLED.load(Ordering::Acquire) < n {
+            pause();
+        }
+        start_run_phase();
+        println!("testbed: run phase started");
+    }
+    let start = loop {
+        let s = RUN_START.load(Ordering::Acquire);
+        if s != 0 {
+            break s;
+        }
+        pause();
+    };
+    rec.phase(Phase::Run);
+
+    // Run phase.
+    let tps = clock.ticks_per_sec;
+    let end = if spec.duration_s == 0 { u64::MAX } else { start + spec.duration_s * tps };
+    let rate = if spec.workload == Workload::Mem { spec.mem.rate / n as u64 } else { 0 };
+    let beat = tps / 100; // 10 ms
+    let mut next_beat = start + beat;
+    let mut next_print = start + tps;
+    loop {
+        let now = rdtsc();
+        if now >= end {
+            break;
+        }
+        if rate != 0 && rec.ops >= ((now - start) as u128 * rate as u128 / tps.max(1) as u128) as u64 {
+            pause();
+            continue;
+        }
+        let b = match &mut work {
+            Work::Kv(kv) => kv.run(BATCH),
+            Work::Mem(m) => m.run(if rate != 0 { 1 } else { 8 }),
+        };
+        rec.add(b);
+        if index == 0 && now >= next_beat {
+            stat64(so::NOW_TSC, now);
+            next_beat = now + beat;
+            if now >= next_print {
+                next_print += tps;
+                println!("testbed: t={}s ops={} errors={}", clock.secs(now - start), rec.ops, rec.errors);
+            }
+        }
+    }
+    rec.phase(Phase::Done);
+    FINISHED.fetch_add(1, Ordering::AcqRel);
+    if index != 0 {
+        hw::park();
+    }
+    while FINISHED.load(Ordering::Acquire) < n {
+        pause();
+    }
+    let now = rdtsc();
+    stat64(so::NOW_TSC, now);
+    stat64(so::RUN_END_TSC, now);
+    stat32(so::PHASE, Phase::Done as u32);
+    println!(
+        "testbed: done after {} s: vCPU 0 ops={} errors={} (all vCPUs: see the stats page)",
+        clock.secs(now - start),
+        rec.ops,
+        rec.errors
+    );
+    hw::exit(ExitCode::Done)
+}

@@ -1,0 +1,1 @@
+//! A polling virtio-mmio (version 2) driver with one split virtqueue.

@@ -1,0 +1,168 @@
+//! One thread per vCPU: KVM_RUN, dispatch of every exit, pause/park/exit.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::bus::{Bus, BusAction};
+use crate::control::{Control, ExitReason, Gate};
+
+/// Signal used to knock a vCPU thread out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) handler for the kick signal; KVM_RUN then returns
+/// EINTR when the signal arrives. Idempotent.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    register_signal_handler(kick_signal(), noop_handler).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// A running vCPU thread.
+pub struct VcpuThread {
+    pub index: u32,
+    pub handle: JoinHandle<()>,
+}
+
+impl VcpuThread {
+    pub fn kick(&self) {
+        if !self.handle.is_finished() {
+            let _ = self.handle.kill(kick_signal());
+        }
+    }
+}
+
+/// Everything a vCPU thread needs.
+pub struct VcpuContext {
+    pub index: u32,
+    pub fd: VcpuFd,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub control: Arc<Control>,
+}
+
+pub fn spawn(ctx: VcpuContext) -> std::io::Result<VcpuThread> {
+    let index = ctx.index;
+    let handle = std::thread::Builder::new().name(format!("vcpu{index}")).spawn(move || run_loop(ctx))?;
+    Ok(VcpuThread { index, handle })
+}
+
+fn fault(ctx: &VcpuContext, what: String) {
+    let rip = ctx
+        .fd
+        .get_regs()
+        .map(|r| format!("{:#x} (RFLAGS {:#x})", r.rip, r.rflags))
+        .unwrap_or_else(|_| "unknown".into());
+    let cs = ctx.fd.get_sregs().map(|s| format!(", CS {:#x} DPL {}", s.cs.selector, s.cs.dpl)).unwrap_or_default();
+    let message = format!("vCPU {}: {what} at RIP {rip}{cs}", ctx.index);
+    log::error!("{message}");
+    ctx.control.request_exit(ExitReason::Fault { vcpu: ctx.index, message });
+}
+
+fn act(ctx: &VcpuContext, action: BusAction) -> bool {
+    match action {
+        BusAction::None => true,
+        BusAction::Reset => {
+            log::info!("vCPU {}: guest requested a reset (i8042); ending the VM", ctx.index);
+            ctx.control.request_exit(ExitReason::GuestReset);
+            false
+        }
+        BusAction::GuestExit(code) => {
+            log::info!("vCPU {}: guest exit code {code:#x}", ctx.index);
+            ctx.control.request_exit(ExitReason::GuestExit(code));
+            false
+        }
+        BusAction::Park => {
+            log::debug!("vCPU {} parked", ctx.index);
+            ctx.control.park();
+            false
+        }
+    }
+}
+
+fn run_loop(mut ctx: VcpuContext) {
+    loop {
+        if let Gate::Exit = ctx.control.gate() {
+            return;
+        }
+        let keep_going = match ctx.fd.run() {
+            Ok(exit) => match exit {
+                VcpuExit::IoOut(port, data) => match ctx.pio.write(port as u64, data) {
+                    Some(a) => act(&ctx, a),
+                    None => {
+                        log::trace!("unclaimed PIO write {port:#x} {data:?}");
+                        true
+                    }
+                },
+                VcpuExit::IoIn(port, data) => {
+                    if !ctx.pio.read(port as u64, data) {
+                        log::trace!("unclaimed PIO read {port:#x}");
+                    }
+                    true
+                }
+                VcpuExit::MmioWrite(addr, data) => match ctx.mmio.write(addr, data) {
+                    Some(a) => act(&ctx, a),
+                    None => {
+                        log::debug!("unclaimed MMIO write {addr:#x} ({} bytes)", data.len());
+                        true
+                    }
+                },
+                VcpuExit::MmioRead(addr, data) => {
+                    if !ctx.mmio.read(addr, data) {
+                        log::debug!("unclaimed MMIO read {addr:#x} ({} bytes)", data.len());
+                    }
+                    true
+                }
+                VcpuExit::Hlt => {
+                    fault(&ctx, "guest executed HLT with no interrupt source to wake it (KVM_EXIT_HLT)".into());
+                    false
+                }
+                VcpuExit::Shutdown => {
+                    fault(&ctx, "guest triple fault (KVM_EXIT_SHUTDOWN)".into());
+                    false
+                }
+                VcpuExit::InternalError => {
+                    // SAFETY: KVM_EXIT_INTERNAL_ERROR fills the `internal`
+                    // member of the kvm_run exit union.
+                    let sub = unsafe { ctx.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    fault(&ctx, format!("KVM internal error, suberror {sub} (KVM_EXIT_INTERNAL_ERROR)"));
+                    false
+                }
+                VcpuExit::FailEntry(reason, cpu) => {
+                    fault(
+                        &ctx,
+                        format!("VM entry failed on host CPU {cpu}, hardware reason {reason:#x} (KVM_EXIT_FAIL_ENTRY)"),
+                    );
+                    false
+                }
+                VcpuExit::SystemEvent(kind, _) => {
+                    log::info!("vCPU {}: system event {kind} (shutdown/reset); ending the VM", ctx.index);
+                    ctx.control.request_exit(ExitReason::GuestReset);
+                    false
+                }
+                VcpuExit::Intr | VcpuExit::IrqWindowOpen => true,
+                other => {
+                    let what = format!("unexpected KVM exit {other:?}");
+                    fault(&ctx, what);
+                    false
+                }
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => true,
+            Err(e) => {
+                fault(&ctx, format!("KVM_RUN failed: {e}"));
+                false
+            }
+        };
+        if !keep_going {
+            // Parked or ended: count as paused until the VM ends.
+            if ctx.control.exit_reason().is_none() {
+                ctx.control.park();
+            }
+            return;
+        }
+    }
+}

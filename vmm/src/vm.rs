@@ -1,0 +1,388 @@
+//! A VM: KVM VM and vCPUs, guest memory, buses and devices, boot setup, and
+//! the run loop that ends with an [`Outcome`].
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_mp_state, kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use serde_json::{json, Value};
+use vm_superio::Serial;
+use vmm_sys_util::eventfd::EventFd;
+
+use testbed_abi::{VirtioMmioDevice, WorkloadSpec, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+
+use crate::api::ApiTarget;
+use crate::bus::Bus;
+use crate::control::{Control, ExitReason};
+use crate::devices::legacy::{self, ExitPort, IrqfdTrigger, ParkPort, SerialDevice, SerialSink, I8042};
+use crate::devices::virtio::VirtioBlockHandle;
+use crate::memory::{self, GuestMem};
+use crate::testbed;
+use crate::vcpu::{self, VcpuContext, VcpuThread};
+
+/// Most vCPUs a Linux guest may have (MP table APIC IDs are 8-bit).
+pub const MAX_VCPUS_LINUX: u32 = 254;
+/// Legacy IRQ of COM1.
+const SERIAL_IRQ: u32 = 4;
+
+/// What the VM boots.
+#[derive(Clone, Debug)]
+pub enum BootSource {
+    /// The built-in testbed guest running a workload (`WORKLOAD[,key=value...]`).
+    Testbed { spec: String },
+    /// A Linux kernel (bzImage or ELF vmlinux) via the Linux boot protocol.
+    Linux { kernel: PathBuf, initramfs: Option<PathBuf>, cmdline: String },
+}
+
+/// Where serial output goes.
+pub enum SerialOut {
+    Stdout,
+    File(PathBuf),
+    Writer(Box<dyn Write + Send>),
+}
+
+/// A complete VM configuration.
+pub struct VmConfig {
+    pub mem_size: u64,
+    pub vcpus: u32,
+    pub boot: BootSource,
+    pub disks: Vec<PathBuf>,
+    pub serial: SerialOut,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("invalid testbed workload: {0}")]
+    Workload(String),
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    #[error("cannot open /dev/kvm: {0} (is KVM available and do you have permission?)")]
+    KvmOpen(kvm_ioctls::Error),
+    #[error("KVM: {what}: {source}")]
+    Kvm { what: &'static str, source: kvm_ioctls::Error },
+    #[error("cannot open {path}: {source}")]
+    File { path: PathBuf, source: std::io::Error },
+    #[error("boot: {0}")]
+    Boot(String),
+    #[error("device setup: {0}")]
+    Device(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// State shared by the run loop, the vCPU threads and the API server.
+pub struct Shared {
+    pub control: Arc<Control>,
+    pub mem: Arc<GuestMem>,
+    pub vcpus: u32,
+    pub mem_size: u64,
+    pub threads: Mutex<Vec<VcpuThread>>,
+    pub testbed: Option<WorkloadSpec>,
+    pub started: Instant,
+    pub blocks: Vec<VirtioBlockHandle>,
+}
+
+impl Shared {
+    pub fn kick_all(&self) {
+        for t in self.threads.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            t.kick();
+        }
+    }
+
+    /// Guest-caused errors reported by all virtio devices.
+    pub fn device_errors(&self) -> (u64, Option<String>) {
+        let mut n = 0;
+        let mut last = None;
+        for b in &self.blocks {
+            let (e, msg) = b.errors();
+            n += e;
+            if msg.is_some() {
+                last = msg;
+            }
+        }
+        (n, last)
+    }
+}
+
+impl ApiTarget for Shared {
+    fn status(&self) -> Value {
+        let state = if self.control.exit_reason().is_some() {
+            "exiting"
+        } else if self.control.is_paused() {
+            "paused"
+        } else {
+            "running"
+        };
+        let mut v = json!({
+            "state": state,
+            "vcpus": self.vcpus,
+            "mem_bytes": self.mem_size,
+            "uptime_s": self.started.elapsed().as_secs_f64(),
+        });
+        if let Some(spec) = &self.testbed {
+            v["workload"] = testbed::stats_json(spec, testbed::read_stats(&self.mem).as_ref());
+        }
+        v
+    }
+    fn pause(&self) -> Result<(), String> {
+        self.control.pause(|| self.kick_all()).map_err(|r| format!("the VM is ending ({r:?})"))
+    }
+    fn resume(&self) -> Result<(), String> {
+        if !self.control.is_paused() {
+            return Err("the VM is not paused".into());
+        }
+        self.control.resume();
+        Ok(())
+    }
+    fn shutdown(&self) {
+        self.control.request_exit(ExitReason::Shutdown);
+        self.kick_all();
+    }
+}
+
+/// How a VM run ended.
+pub struct Outcome {
+    pub reason: ExitReason,
+    pub elapsed: Duration,
+    /// Final testbed statistics, as JSON, when the guest is the testbed.
+    pub report: Option<Value>,
+    /// Workload errors the testbed guest counted.
+    pub workload_errors: u64,
+    /// Guest-caused device errors (protocol violations).
+    pub device_errors: u64,
+    pub last_device_error: Option<String>,
+}
+
+impl Outcome {
+    /// True if the guest ended the way a successful run should.
+    pub fn success(&self) -> bool {
+        let clean_exit = match &self.reason {
+            ExitReason::GuestExit(c) => *c == testbed_abi::ExitCode::Done as u32,
+            ExitReason::GuestReset | ExitReason::Shutdown => true,
+            ExitReason::Fault { .. } => false,
+        };
+        clean_exit && self.workload_errors == 0 && self.device_errors == 0
+    }
+}
+
+/// A created, not yet running VM.
+pub struct Vm {
+    _kvm: Kvm,
+    _fd: Arc<VmFd>,
+    vcpu_fds: Vec<VcpuFd>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    shared: Arc<Shared>,
+    serial_line_start: Arc<AtomicBool>,
+}
+
+impl Vm {
+    pub fn create(cfg: VmConfig) -> Result<Self, VmError> {
+        let testbed_spec = match &cfg.boot {
+            BootSource::Testbed { spec } => {
+                let parsed = WorkloadSpec::parse(spec).map_err(|e| VmError::Workload(e.to_string()))?;
+                if cfg.vcpus > testbed_abi::MAX_VCPUS {
+                    return Err(VmError::Config(format!(
+                        "the testbed guest supports at most {} vCPUs (asked for {})",
+                        testbed_abi::MAX_VCPUS,
+                        cfg.vcpus
+                    )));
+                }
+                if parsed.workload.needs_disk() && cfg.disks.is_empty() {
+                    return Err(VmError::Config(format!(
+                        "the `{}` workload needs a disk: add --disk FILE",
+                        parsed.workload.name()
+                    )));
+                }
+                Some(parsed)
+            }
+            BootSource::Linux { .. } => None,
+        };
+        if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS_LINUX {
+            return Err(VmError::Config(format!("--vcpus must be between 1 and {MAX_VCPUS_LINUX}")));
+        }
+        if cfg.disks.len() > testbed_abi::MAX_VIRTIO_DEVICES {
+            return Err(VmError::Config(format!("at most {} disks are supported", testbed_abi::MAX_VIRTIO_DEVICES)));
+        }
+        memory::validate_size(cfg.mem_size)?;
+
+        let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
+        let fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+        fd.set_tss_address(0xfffb_d000).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let ranges = crate::arch::ram_regions(cfg.mem_size);
+        let mem = Arc::new(memory::create(&ranges)?);
+        memory::register_slots(&fd, &mem, false)?;
+
+        // Legacy devices.
+        let mut pio = Bus::default();
+        let serial_out: Box<dyn Write + Send> = match cfg.serial {
+            SerialOut::Stdout => Box::new(std::io::stdout()),
+            SerialOut::File(p) => {
+                Box::new(File::create(&p).map_err(|source| VmError::File { path: p.clone(), source })?)
+            }
+            SerialOut::Writer(w) => w,
+        };
+        let (sink, serial_line_start) = SerialSink::new(serial_out);
+        let serial_evt = EventFd::new(libc::EFD_NONBLOCK)?;
+        fd.register_irqfd(&serial_evt, SERIAL_IRQ).map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        let serial = SerialDevice(Serial::new(IrqfdTrigger(serial_evt), sink));
+        let bus_err = |e: crate::bus::Overlap| VmError::Device(e.to_string());
+        pio.insert(testbed_abi::SERIAL_PORT as u64, 8, legacy::shared(serial)).map_err(bus_err)?;
+        pio.insert(0x60, 5, legacy::shared(I8042::default())).map_err(bus_err)?;
+        pio.insert(testbed_abi::EXIT_PORT as u64, 4, legacy::shared(ExitPort)).map_err(bus_err)?;
+        pio.insert(testbed_abi::PARK_PORT as u64, 4, legacy::shared(ParkPort)).map_err(bus_err)?;
+
+        // virtio-blk devices on virtio-mmio.
+        let mut mmio = Bus::default();
+        let mut blocks = Vec::new();
+        let mut virtio_list = Vec::new();
+        for (i, path) in cfg.disks.iter().enumerate() {
+            let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
+            let irq = VIRTIO_IRQ_BASE + i as u32;
+            let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+            fd.register_irqfd(&evt, irq).map_err(kvm_err("KVM_IRQFD (virtio)"))?;
+            let handle = VirtioBlockHandle::new(path, mem.clone(), evt)?;
+            mmio.insert(base, VIRTIO_MMIO_SIZE, handle.bus_device()).map_err(bus_err)?;
+            virtio_list.push(VirtioMmioDevice { base, irq, device_id: 2 });
+            blocks.push(handle);
+        }
+
+        // vCPUs and boot.
+        let vcpu_fds: Vec<VcpuFd> = (0..cfg.vcpus)
+            .map(|i| fd.create_vcpu(i as u64).map_err(kvm_err("KVM_CREATE_VCPU")))
+            .collect::<Result<_, _>>()?;
+        let tsc_khz = vcpu_fds[0].get_tsc_khz().unwrap_or(0);
+        let base_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        for (i, v) in vcpu_fds.iter().enumerate() {
+            let cpuid = crate::cpuid::for_vcpu(&base_cpuid, i as u32, cfg.vcpus);
+            v.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        }
+        match &cfg.boot {
+            BootSource::Testbed { spec } => {
+                let entry = testbed::load(&mem, spec, cfg.vcpus, tsc_khz as u64, &virtio_list)
+                    .map_err(|e| VmError::Boot(e.to_string()))?;
+                for (i, v) in vcpu_fds.iter().enumerate() {
+                    let mut sregs = v.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+                    let (regs, fpu) = crate::arch::testbed_vcpu_state(i as u32, entry, &mut sregs);
+                    v.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+                    v.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+                    v.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+                    if i > 0 {
+                        v.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE })
+                            .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+                    }
+                }
+            }
+            BootSource::Linux { kernel, initramfs, cmdline } => {
+                crate::linux::boot(&mem, &vcpu_fds, kernel, initramfs.as_deref(), cmdline, &virtio_list)?;
+            }
+        }
+
+        let shared = Arc::new(Shared {
+            control: Arc::new(Control::new(cfg.vcpus)),
+            mem,
+            vcpus: cfg.vcpus,
+            mem_size: cfg.mem_size,
+            threads: Mutex::new(Vec::new()),
+            testbed: testbed_spec,
+            started: Instant::now(),
+            blocks,
+        });
+        Ok(Self { _kvm: kvm, _fd: fd, vcpu_fds, pio: Arc::new(pio), mmio: Arc::new(mmio), shared, serial_line_start })
+    }
+
+    /// The state the API server talks to.
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Runs the VM until it ends.
+    pub fn run(mut self) -> Result<Outcome, VmError> {
+        vcpu::install_kick_handler()?;
+        let started = Instant::now();
+        for (i, fd) in self.vcpu_fds.drain(..).enumerate() {
+            let ctx = VcpuContext {
+                index: i as u32,
+                fd,
+                pio: self.pio.clone(),
+                mmio: self.mmio.clone(),
+                control: self.shared.control.clone(),
+            };
+            let t = vcpu::spawn(ctx)?;
+            self.shared.threads.lock().unwrap_or_else(|e| e.into_inner()).push(t);
+        }
+        let reason = self.shared.control.wait_exit(None).unwrap_or(ExitReason::Shutdown);
+        let threads = std::mem::take(&mut *self.shared.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in &threads {
+            while !t.handle.is_finished() {
+                t.kick();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        for t in threads {
+            let idx = t.index;
+            if t.handle.join().is_err() {
+                log::error!("vCPU {idx} thread panicked");
+            }
+        }
+        let elapsed = started.elapsed();
+        let (device_errors, last_device_error) = self.shared.device_errors();
+        let mut report = None;
+        let mut workload_errors = 0;
+        if let Some(spec) = &self.shared.testbed {
+            let stats = testbed::read_stats(&self.shared.mem);
+            workload_errors = stats.as_ref().map(|s| s.errors).unwrap_or(0);
+            let mut v = testbed::stats_json(spec, stats.as_ref());
+            v["exit"] = exit_json(&reason);
+            v["device_errors"] = device_errors.into();
+            v["vcpus"] = self.shared.vcpus.into();
+            v["mem_bytes"] = self.shared.mem_size.into();
+            v["wall_seconds"] = elapsed.as_secs_f64().into();
+            report = Some(v);
+        }
+        Ok(Outcome { reason, elapsed, report, workload_errors, device_errors, last_device_error })
+    }
+
+    /// Whether serial output last ended a line (so a report can start a new one).
+    pub fn serial_line_start(&self) -> Arc<AtomicBool> {
+        self.serial_line_start.clone()
+    }
+}
+
+fn exit_json(r: &ExitReason) -> Value {
+    match r {
+        ExitReason::GuestExit(c) => match testbed_abi::ExitCode::from_u32(*c) {
+            Some(testbed_abi::ExitCode::Done) => "done".into(),
+            Some(testbed_abi::ExitCode::Failed) => "guest-failed".into(),
+            None => format!("guest-exit-{c:#x}").into(),
+        },
+        ExitReason::GuestReset => "reset".into(),
+        ExitReason::Shutdown => "shutdown".into(),
+        ExitReason::Fault { message, .. } => format!("fault: {message}").into(),
+    }
+}
+
+/// Writes `s` on its own line, after whatever the serial console printed.
+pub fn print_last_line(line_start: &AtomicBool, s: &str) {
+    let mut out = std::io::stdout().lock();
+    if !line_start.load(Ordering::Relaxed) {
+        let _ = writeln!(out);
+    }
+    let _ = writeln!(out, "{s}");
+    let _ = out.flush();
+}
