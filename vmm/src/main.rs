@@ -68,11 +68,12 @@ struct RunArgs {
     #[arg(long, value_name = "FILE", conflicts_with = "testbed", required_unless_present = "testbed")]
     kernel: Option<PathBuf>,
     /// Initial ramdisk for the Linux kernel.
-    #[arg(long, value_name = "FILE", requires = "kernel")]
+    #[arg(long, value_name = "FILE", requires = "kernel", conflicts_with = "testbed")]
     initramfs: Option<PathBuf>,
-    /// Kernel command line (virtio_mmio.device= entries are appended for each disk).
-    #[arg(long, value_name = "STR", requires = "kernel", default_value = "console=ttyS0 reboot=k panic=1")]
-    cmdline: String,
+    /// Kernel command line (virtio_mmio.device= entries are appended for each disk)
+    /// [default: console=ttyS0 reboot=k panic=1].
+    #[arg(long, value_name = "STR", requires = "kernel", conflicts_with = "testbed")]
+    cmdline: Option<String>,
     /// Run the built-in testbed guest with this workload: WORKLOAD[,key=value...].
     #[arg(long, value_name = "WORKLOAD[,KEY=VALUE...]")]
     testbed: Option<String>,
@@ -99,7 +100,11 @@ fn parse_mem(s: &str) -> Result<u64, String> {
 
 fn run(args: RunArgs) -> ExitCode {
     let boot = match (args.kernel, args.testbed) {
-        (Some(kernel), None) => BootSource::Linux { kernel, initramfs: args.initramfs, cmdline: args.cmdline },
+        (Some(kernel), None) => BootSource::Linux {
+            kernel,
+            initramfs: args.initramfs,
+            cmdline: args.cmdline.unwrap_or_else(|| "console=ttyS0 reboot=k panic=1".into()),
+        },
         (None, Some(spec)) => BootSource::Testbed { spec },
         _ => unreachable!("clap enforces exactly one of --kernel and --testbed"),
     };
@@ -152,8 +157,10 @@ fn run(args: RunArgs) -> ExitCode {
     if outcome.success() {
         ExitCode::SUCCESS
     } else {
-        if matches!(outcome.reason, vmm::control::ExitReason::GuestExit(_)) && outcome.workload_errors == 0 {
-            eprintln!("vmm: the guest ended with {:?}", outcome.reason);
+        if let vmm::control::ExitReason::GuestExit(code) = outcome.reason {
+            if code != testbed_abi::ExitCode::Done as u32 {
+                eprintln!("vmm: the guest reported failure (exit code {code:#x}); see its console output");
+            }
         }
         ExitCode::from(EXIT_GUEST_FAILED)
     }

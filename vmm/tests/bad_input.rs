@@ -42,7 +42,7 @@ fn memory_sizes() {
     assert_bad(&["run", "--testbed", "kv", "--mem", "0"], 2, "at least");
     assert_bad(&["run", "--testbed", "kv", "--mem", "100T"], 2, "exceeds this host");
     assert_bad(&["run", "--testbed", "kv", "--mem", "lots"], 2, "not a size");
-    assert_bad(&["run", "--testbed", "kv", "--mem", "1000001"], 2, "multiple of 4 KiB");
+    assert_bad(&["run", "--testbed", "kv", "--mem", "100000001"], 2, "multiple of 4 KiB");
 }
 
 #[test]
@@ -61,7 +61,8 @@ fn malformed_command_lines() {
     assert_bad(&["run"], 2, "--kernel");
     assert_bad(&["run", "--testbed", "kv", "--kernel", "x"], 2, "cannot be used with");
     assert_bad(&["run", "--testbed", "kv", "--vcpus", "two"], 2, "invalid value");
-    assert_bad(&["run", "--testbed", "kv", "--initramfs", "x"], 2, "--kernel");
+    assert_bad(&["run", "--testbed", "kv", "--initramfs", "x"], 2, "cannot be used with");
+    assert_bad(&["run", "--testbed", "kv", "--cmdline", "x"], 2, "cannot be used with");
     assert_bad(&["frobnicate"], 2, "unrecognized subcommand");
     assert_bad(&["run", "--testbed", "kv", "--disk", "/nonexistent/disk.img"], 2, "/nonexistent/disk.img");
     assert_bad(&["api", "--api-sock", "/nonexistent/sock", "status"], 2, "cannot connect");

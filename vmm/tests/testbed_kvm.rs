@@ -115,3 +115,47 @@ fn api_status_pause_resume_shutdown() {
     assert_eq!(o.json()["errors"], 0, "{o}");
     assert!(!std::path::Path::new(&sock).exists(), "socket file left behind");
 }
+
+#[test]
+fn disk_reads_host_data_and_its_writes_land_in_the_file() {
+    use std::os::unix::fs::FileExt;
+    use testbed_workloads::disk::{header, sector_pattern, write_pattern, SECTOR};
+    let d = TempDir::new("disk");
+    let img = d.path("disk.img");
+    let (host_seed, prepared, guest_seed) = (77u64, 2048u64, 5u64);
+    {
+        let f = std::fs::File::create(&img).unwrap();
+        f.set_len(16 << 20).unwrap();
+        f.write_all_at(&header(host_seed, prepared), 0).unwrap();
+        let mut s = [0u8; SECTOR];
+        for sector in 1..=prepared {
+            sector_pattern(host_seed, sector, &mut s);
+            f.write_all_at(&s, sector * SECTOR as u64).unwrap();
+        }
+    }
+    let spec = format!("disk,duration=1,size=1M,seed={guest_seed}");
+    let o = vmm(&["run", "--testbed", &spec, "--disk", path_str(&img), "--mem", "128M"], T);
+    assert_eq!(o.code, Some(0), "{o}");
+    assert_eq!(o.json()["errors"], 0, "{o}");
+    assert_eq!(o.json()["device_errors"], 0, "{o}");
+    assert!(o.stdout.contains(&format!("verified host data: {prepared} sectors, 0 errors")), "{o}");
+    // The guest's last round is on disk, right after the prepared sectors.
+    let last: u64 = o
+        .stdout
+        .split("last round ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no `last round` in the output\n{o}"));
+    let f = std::fs::File::open(&img).unwrap();
+    let (mut got, mut want) = ([0u8; SECTOR], [0u8; SECTOR]);
+    for sector in prepared + 1..prepared + 1 + 2048 {
+        f.read_exact_at(&mut got, sector * SECTOR as u64).unwrap();
+        write_pattern(guest_seed, last, sector, &mut want);
+        assert_eq!(got, want, "sector {sector} does not hold the guest's round-{last} data");
+    }
+    // The host-prepared data is untouched.
+    f.read_exact_at(&mut got, prepared * SECTOR as u64).unwrap();
+    sector_pattern(host_seed, prepared, &mut want);
+    assert_eq!(got, want);
+}
