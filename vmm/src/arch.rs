@@ -45,14 +45,15 @@ const PTE_PWT: u64 = 1 << 3;
 const PTE_PCD: u64 = 1 << 4;
 const PTE_PS: u64 = 1 << 7;
 
-fn write_u64<M: GuestMemory>(mem: &M, addr: u64, v: u64) -> Result<(), ArchError> {
+pub(crate) fn write_u64<M: GuestMemory>(mem: &M, addr: u64, v: u64) -> Result<(), ArchError> {
     mem.write_obj(v, GuestAddress(addr)).map_err(|_| ArchError::Write(addr))
 }
 
 /// Identity-maps [0, max(ram_end, 4 GiB)) with 2 MiB pages: PML4 at
-/// PAGE_TABLES_GPA, one PDPT, then one page directory per GiB. Every page is
-/// user-accessible (the testbed runs at CPL3); the MMIO hole is uncached.
-pub fn write_identity_tables<M: GuestMemory>(mem: &M, ram_end: u64) -> Result<(), ArchError> {
+/// PAGE_TABLES_GPA, one PDPT, then one page directory per GiB. Pages are
+/// user-accessible when `user` (the testbed runs at CPL3); the MMIO hole is
+/// uncached.
+pub fn write_identity_tables<M: GuestMemory>(mem: &M, ram_end: u64, user: bool) -> Result<(), ArchError> {
     let top = ram_end.max(MMIO_HOLE_END);
     let dirs = top.div_ceil(1 << 30);
     if dirs > MAX_PAGE_DIRECTORIES || dirs > 512 {
@@ -61,7 +62,7 @@ pub fn write_identity_tables<M: GuestMemory>(mem: &M, ram_end: u64) -> Result<()
     let pml4 = PAGE_TABLES_GPA;
     let pdpt = pml4 + 0x1000;
     let pd0 = pdpt + 0x1000;
-    let flags = PTE_P | PTE_RW | PTE_US;
+    let flags = PTE_P | PTE_RW | if user { PTE_US } else { 0 };
     write_u64(mem, pml4, pdpt | flags)?;
     for d in 0..dirs {
         let pd = pd0 + d * 0x1000;
@@ -92,7 +93,7 @@ const TSS_LEN: u64 = 104 + 8192 + 1;
 const TSS_IOMAP: u16 = 104;
 
 /// A flat 4 GiB code or data segment as KVM wants it.
-fn flat(selector: u16, type_: u8, dpl: u8, long: bool) -> kvm_segment {
+pub fn flat(selector: u16, type_: u8, dpl: u8, long: bool) -> kvm_segment {
     let (l, db) = if long { (1, 0) } else { (0, 1) };
     kvm_segment {
         base: 0,
@@ -111,7 +112,8 @@ fn flat(selector: u16, type_: u8, dpl: u8, long: bool) -> kvm_segment {
     }
 }
 
-fn encode(seg: &kvm_segment) -> u64 {
+/// The GDT descriptor of a code or data segment.
+pub fn encode(seg: &kvm_segment) -> u64 {
     let limit = if seg.g == 1 { seg.limit >> 12 } else { seg.limit } as u64;
     let base = seg.base & 0xffff_ffff;
     (limit & 0xffff)
@@ -147,7 +149,7 @@ fn segments() -> [kvm_segment; 5] {
 
 /// Writes the page tables, the GDT and the TSS for the testbed guest.
 pub fn write_testbed_tables<M: GuestMemory>(mem: &M, ram_end: u64) -> Result<(), ArchError> {
-    write_identity_tables(mem, ram_end)?;
+    write_identity_tables(mem, ram_end, true)?;
     let segs = segments();
     write_u64(mem, GDT_GPA, 0)?;
     for s in &segs[..4] {
@@ -303,7 +305,10 @@ mod tests {
         let pde_hole: u64 = m.read_obj(GuestAddress(PAGE_TABLES_GPA + 0x2000 + 3 * 0x1000 + 8 * 128)).unwrap();
         assert_eq!(pde_hole & !0xfff, 0xD000_0000);
         assert_eq!(pde_hole & 0x9f, PTE_P | PTE_RW | PTE_US | PTE_PS | PTE_PCD | PTE_PWT);
-        assert!(write_identity_tables(&m, 200 << 30).is_err());
+        assert!(write_identity_tables(&m, 200 << 30, true).is_err());
+        write_identity_tables(&m, 256 << 20, false).unwrap();
+        let pde0: u64 = m.read_obj(GuestAddress(PAGE_TABLES_GPA + 0x2000)).unwrap();
+        assert_eq!(pde0 & PTE_US, 0, "kernel tables are supervisor-only");
         let tss_iomap: u16 = m.read_obj(GuestAddress(TSS_GPA + 102)).unwrap();
         assert_eq!(tss_iomap, 104);
         let port_3f8: u8 = m.read_obj(GuestAddress(TSS_GPA + 104 + 0x3f8 / 8)).unwrap();
