@@ -7,7 +7,11 @@
 //! the VM's page policy (MADV_HUGEPAGE, as the VMM asks for guest RAM), so
 //! the ratio is shown against both baselines.
 //!
-//! Usage: kv-ratio [--vmm PATH] [--seconds N] [--mem SIZE]
+//! Each of the three is run `--rounds` times, interleaved (host, host THP,
+//! VM, host, ...), and the medians are compared, so a burst of load from
+//! another process on the machine skews one sample, not the result.
+//!
+//! Usage: kv-ratio [--vmm PATH] [--seconds N] [--mem SIZE] [--rounds N]
 
 use std::process::Command;
 use std::time::Instant;
@@ -19,10 +23,11 @@ struct Args {
     vmm: String,
     seconds: u64,
     mem: u64,
+    rounds: usize,
 }
 
 fn usage() -> ! {
-    eprintln!("usage: kv-ratio [--vmm PATH] [--seconds N] [--mem SIZE]");
+    eprintln!("usage: kv-ratio [--vmm PATH] [--seconds N] [--mem SIZE] [--rounds N]");
     std::process::exit(2)
 }
 
@@ -33,7 +38,7 @@ fn args() -> Args {
         .and_then(|p| p.parent())
         .map(|d| d.join("vmm").to_string_lossy().into_owned())
         .unwrap_or_else(|| "vmm".into());
-    let mut a = Args { vmm: default_vmm, seconds: 5, mem: 1 << 30 };
+    let mut a = Args { vmm: default_vmm, seconds: 5, mem: 1 << 30, rounds: 3 };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let v = it.next().unwrap_or_else(|| usage());
@@ -41,6 +46,7 @@ fn args() -> Args {
             "--vmm" => a.vmm = v,
             "--seconds" => a.seconds = v.parse().unwrap_or_else(|_| usage()),
             "--mem" => a.mem = parse_size(&v).unwrap_or_else(|| usage()),
+            "--rounds" => a.rounds = v.parse().ok().filter(|&n| n > 0).unwrap_or_else(|| usage()),
             _ => usage(),
         }
     }
@@ -66,6 +72,32 @@ fn map(bytes: usize, thp: bool) -> &'static mut [u64] {
         }
         std::slice::from_raw_parts_mut(p.cast(), bytes / 8)
     }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// One `vmm run --testbed kv,...`; returns (ops/s, errors).
+fn vm_run(a: &Args, spec_str: &str) -> (f64, u64) {
+    let out = Command::new(&a.vmm)
+        .args(["run", "--testbed", spec_str, "--mem", &a.mem.to_string(), "--serial", "/dev/null"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", a.vmm));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let report: serde_json::Value = serde_json::from_str(last).unwrap_or_else(|e| {
+        panic!(
+            "vmm did not print a JSON report ({e}); stdout: {stdout}; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let ops = report["ops_per_sec"].as_f64().unwrap_or(0.0);
+    let errors = report["errors"].as_u64().unwrap_or(u64::MAX);
+    eprintln!("VM (vmm on KVM): {ops:.0} ops/s ({} ops, {errors} errors)", report["ops"]);
+    (ops, errors)
 }
 
 struct HostRun {
@@ -120,28 +152,24 @@ fn main() {
         a.seconds
     );
 
-    let plain = host_run(&cfg, bytes as usize, a.seconds, false);
-    let thp = host_run(&cfg, bytes as usize, a.seconds, true);
-
-    // The VM.
-    let out = Command::new(&a.vmm)
-        .args(["run", "--testbed", &spec_str, "--mem", &a.mem.to_string(), "--serial", "/dev/null"])
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", a.vmm));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
-    let report: serde_json::Value = serde_json::from_str(last).unwrap_or_else(|e| {
-        panic!(
-            "vmm did not print a JSON report ({e}); stdout: {stdout}; stderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    let vm_ops = report["ops_per_sec"].as_f64().unwrap_or(0.0);
-    let vm_errors = report["errors"].as_u64().unwrap_or(u64::MAX);
-    eprintln!("VM (vmm on KVM): {vm_ops:.0} ops/s ({} ops, {vm_errors} errors)", report["ops"]);
+    let (mut plain, mut thp, mut vm) = (Vec::new(), Vec::new(), Vec::new());
+    let mut host_errors = 0;
+    let mut vm_errors = 0;
+    for round in 0..a.rounds {
+        eprintln!("-- round {} of {}", round + 1, a.rounds);
+        let p = host_run(&cfg, bytes as usize, a.seconds, false);
+        let t = host_run(&cfg, bytes as usize, a.seconds, true);
+        host_errors += p.errors + t.errors;
+        plain.push(p.ops_per_sec);
+        thp.push(t.ops_per_sec);
+        let (ops, errors) = vm_run(&a, &spec_str);
+        vm.push(ops);
+        vm_errors += errors;
+    }
+    let (plain, thp, vm_ops) = (median(&mut plain), median(&mut thp), median(&mut vm));
+    eprintln!("medians: host plain {plain:.0}, host THP {thp:.0}, VM {vm_ops:.0} ops/s");
     let r = |x: f64| (x * 1000.0).round() / 1000.0;
-    let (ratio_plain, ratio_thp) = (vm_ops / plain.ops_per_sec, vm_ops / thp.ops_per_sec);
+    let (ratio_plain, ratio_thp) = (vm_ops / plain, vm_ops / thp);
     eprintln!("ratio VM / plain host process:            {ratio_plain:.3}");
     eprintln!("ratio VM / host process with THP advice:  {ratio_thp:.3}");
     println!(
@@ -151,9 +179,10 @@ fn main() {
             "mem_bytes": a.mem,
             "store_bytes": bytes,
             "seconds": a.seconds,
-            "host_plain_ops_per_sec": plain.ops_per_sec.round(),
-            "host_thp_ops_per_sec": thp.ops_per_sec.round(),
-            "host_errors": plain.errors + thp.errors,
+            "rounds": a.rounds,
+            "host_plain_ops_per_sec": plain.round(),
+            "host_thp_ops_per_sec": thp.round(),
+            "host_errors": host_errors,
             "vm_ops_per_sec": vm_ops.round(),
             "vm_errors": vm_errors,
             "ratio_vs_plain": r(ratio_plain),

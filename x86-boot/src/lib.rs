@@ -1,1 +1,0 @@
-//! x86-64 boot setup (see Cargo.toml description).
