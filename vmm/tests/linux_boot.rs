@@ -71,3 +71,51 @@ fn synthetic_kernel_sees_boot_params_in_long_mode() {
     assert_eq!(o.code, Some(0), "{o}");
     assert!(o.stderr.contains("guest exit code 0x10"), "{o}");
 }
+
+#[test]
+fn i8042_reset_ends_the_vmm_cleanly() {
+    // mov al, 0xfe; out 0x64, al (pulse the CPU reset line, as `reboot=k` does); hlt
+    let code = [0xb0, 0xfe, 0xe6, 0x64, 0xf4];
+    let d = TempDir::new("reset");
+    let k = d.path("bzImage");
+    std::fs::write(&k, bzimage(&code)).unwrap();
+    let o = vmm(&["run", "--kernel", path_str(&k), "--mem", "64M"], Duration::from_secs(60));
+    assert_eq!(o.code, Some(0), "{o}");
+    assert!(o.stderr.contains("guest requested a reset"), "{o}");
+}
+
+#[test]
+fn a_halted_guest_leaves_the_vmm_controllable() {
+    // cli; hlt: with interrupts off nothing wakes the vCPU, which then sleeps
+    // inside KVM (in-kernel LAPIC). The VMM must still answer and shut down.
+    let code = [0xfa, 0xf4];
+    let d = TempDir::new("hlt");
+    let k = d.path("bzImage");
+    std::fs::write(&k, bzimage(&code)).unwrap();
+    let sock = d.path("api.sock");
+    let child = std::process::Command::new(common::vmm_bin())
+        .args(["run", "--kernel", path_str(&k), "--mem", "64M", "--api-sock", path_str(&sock)])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(20), "API socket never appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let api = |cmd: &str| {
+        let out = std::process::Command::new(common::vmm_bin())
+            .args(["api", "--api-sock", path_str(&sock), cmd])
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    assert_eq!(api("status")["state"], "running");
+    assert_eq!(api("pause")["ok"], true, "pausing a halted vCPU must work");
+    assert_eq!(api("shutdown")["ok"], true);
+    let o = common::wait_output(child, Duration::from_secs(30));
+    assert_eq!(o.code, Some(0), "{o}");
+}
