@@ -103,7 +103,7 @@ impl Blk {
             return Err(BlkError::FeaturesRefused);
         }
         regs.w32(0x24, 0);
-        regs.w32(0x20, 0);
+        regs.w32(0x20, 1 << 9); // VIRTIO_BLK_F_FLUSH: the device may cache writes; we flush
         regs.w32(0x24, 1);
         regs.w32(0x20, 1); // VIRTIO_F_VERSION_1
         regs.w32(0x70, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK);

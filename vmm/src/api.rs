@@ -3,8 +3,8 @@
 //! A request is a bare command (`status`) or a JSON object
 //! (`{"command": "status"}`); every reply is one JSON object on one line with
 //! `"ok": true|false` and, on failure, an `"error"` message. Commands:
-//! `status`, `pause`, `resume`, `shutdown`. Later issues add `snapshot` and
-//! `migrate`.
+//! `status`, `pause`, `resume`, `shutdown`, `snapshot PATH` (or
+//! `{"command": "snapshot", "path": PATH}`). A later issue adds `migrate`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -20,39 +20,52 @@ pub trait ApiTarget: Send + Sync {
     fn pause(&self) -> Result<(), String>;
     fn resume(&self) -> Result<(), String>;
     fn shutdown(&self);
+    /// Writes a snapshot of the VM to `path`; returns details.
+    fn snapshot(&self, path: &Path) -> Result<Value, String>;
 }
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 64 * 1024;
 
-/// Parses one request line into a command name.
-pub fn parse_request(line: &str) -> Result<String, String> {
+/// A parsed request: a command and its optional argument.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Request {
+    pub command: String,
+    pub path: Option<String>,
+}
+
+/// Parses one request line.
+pub fn parse_request(line: &str) -> Result<Request, String> {
     let line = line.trim();
     if line.is_empty() {
         return Err("empty request".into());
     }
     if line.starts_with('{') {
         let v: Value = serde_json::from_str(line).map_err(|e| format!("malformed JSON request: {e}"))?;
-        return v
+        let command = v
             .get("command")
             .and_then(Value::as_str)
             .map(str::to_owned)
-            .ok_or_else(|| "JSON request lacks a string \"command\" field".into());
+            .ok_or_else(|| "JSON request lacks a string \"command\" field".to_string())?;
+        let path = v.get("path").and_then(Value::as_str).map(str::to_owned);
+        return Ok(Request { command, path });
     }
-    Ok(line.to_owned())
+    let (command, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
+    let rest = rest.trim();
+    Ok(Request { command: command.to_owned(), path: (!rest.is_empty()).then(|| rest.to_owned()) })
 }
 
 /// Handles one request and returns the reply object.
 pub fn handle(target: &dyn ApiTarget, line: &str) -> Value {
-    let cmd = match parse_request(line) {
-        Ok(c) => c,
+    let req = match parse_request(line) {
+        Ok(r) => r,
         Err(e) => return json!({"ok": false, "error": e}),
     };
     let done = |r: Result<(), String>| match r {
         Ok(()) => json!({"ok": true}),
         Err(e) => json!({"ok": false, "error": e}),
     };
-    match cmd.as_str() {
+    match req.command.as_str() {
         "status" => {
             let mut s = target.status();
             if let Some(o) = s.as_object_mut() {
@@ -66,9 +79,19 @@ pub fn handle(target: &dyn ApiTarget, line: &str) -> Value {
             target.shutdown();
             json!({"ok": true})
         }
+        "snapshot" => match req.path {
+            None => json!({"ok": false, "error": "snapshot needs a path: `snapshot /path/to/file`"}),
+            Some(p) => match target.snapshot(Path::new(&p)) {
+                Ok(mut v) => {
+                    v["ok"] = true.into();
+                    v
+                }
+                Err(e) => json!({"ok": false, "error": e}),
+            },
+        },
         other => json!({
             "ok": false,
-            "error": format!("unknown command `{other}`; expected status, pause, resume or shutdown"),
+            "error": format!("unknown command `{other}`; expected status, pause, resume, shutdown or snapshot PATH"),
         }),
     }
 }
@@ -180,6 +203,9 @@ mod tests {
             Err("not paused".into())
         }
         fn shutdown(&self) {}
+        fn snapshot(&self, path: &Path) -> Result<Value, String> {
+            Ok(json!({"path": path.display().to_string()}))
+        }
     }
 
     #[test]
@@ -198,6 +224,9 @@ mod tests {
         assert_eq!(r["ok"], false);
         assert_eq!(r["error"], "not paused");
         assert_eq!(request(&path, "frobnicate").unwrap()["ok"], false);
+        assert_eq!(request(&path, "snapshot /tmp/x.snap").unwrap()["path"], "/tmp/x.snap");
+        assert_eq!(request(&path, r#"{"command":"snapshot","path":"/a b"}"#).unwrap()["path"], "/a b");
+        assert_eq!(request(&path, "snapshot").unwrap()["ok"], false);
         assert_eq!(request(&path, "{not json").unwrap()["ok"], false);
         assert_eq!(request(&path, r#"{"cmd": 1}"#).unwrap()["ok"], false);
         drop(server);

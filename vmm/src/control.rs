@@ -63,8 +63,9 @@ impl Control {
     }
 
     /// Called by a vCPU thread before each KVM_RUN: blocks while a pause is
-    /// requested (acknowledging it), returns `Exit` once the VM is ending.
-    pub fn gate(&self) -> Gate {
+    /// requested (acknowledging it once `before_pause` has run, e.g. to save
+    /// the vCPU's state), returns `Exit` once the VM is ending.
+    pub fn gate(&self, before_pause: &mut dyn FnMut()) -> Gate {
         let mut st = self.lock();
         loop {
             if st.exit.is_some() {
@@ -72,6 +73,12 @@ impl Control {
             }
             if !st.pause_requested {
                 return Gate::Run;
+            }
+            drop(st);
+            before_pause();
+            st = self.lock();
+            if !st.pause_requested || st.exit.is_some() {
+                continue;
             }
             st.paused += 1;
             self.cv.notify_all();
@@ -154,7 +161,7 @@ mod tests {
             let c = ctl.clone();
             threads.push(std::thread::spawn(move || {
                 let mut runs = 0u64;
-                while let Gate::Run = c.gate() {
+                while let Gate::Run = c.gate(&mut || {}) {
                     runs += 1;
                     std::thread::sleep(Duration::from_micros(100));
                 }

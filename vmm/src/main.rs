@@ -25,7 +25,8 @@ const EXIT_BAD_INPUT: u8 = 2;
         vmm run --testbed kv,duration=5 --mem 1G\n  \
         vmm run --testbed disk,duration=3 --disk disk.img\n  \
         vmm run --kernel bzImage --initramfs initrd.img --cmdline 'console=ttyS0' --disk rootfs.img\n  \
-        vmm api --api-sock /tmp/vmm.sock status"
+        vmm api --api-sock /tmp/vmm.sock status\n  \
+        vmm snapshot --api-sock /tmp/vmm.sock -o vm.snap && vmm restore --snapshot vm.snap"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -36,6 +37,27 @@ struct Cli {
 enum Command {
     /// Boot and run a VM until it ends.
     Run(RunArgs),
+    /// Restore a VM from a snapshot file and run it until it ends.
+    Restore {
+        /// The snapshot written by `vmm snapshot`.
+        #[arg(long, value_name = "FILE")]
+        snapshot: PathBuf,
+        /// Serial console output: `stdout` or a file path.
+        #[arg(long, value_name = "stdout|FILE", default_value = "stdout")]
+        serial: String,
+        /// Serve the control API on this Unix socket.
+        #[arg(long, value_name = "PATH")]
+        api_sock: Option<PathBuf>,
+    },
+    /// Snapshot a running VM (paused for the duration) to a file.
+    Snapshot {
+        /// The VMM's API socket.
+        #[arg(long, value_name = "PATH")]
+        api_sock: PathBuf,
+        /// Where to write the snapshot.
+        #[arg(long, short, value_name = "FILE")]
+        output: PathBuf,
+    },
     /// Send one command to a running VMM's API socket and print the JSON reply.
     Api {
         /// The VMM's API socket.
@@ -108,11 +130,20 @@ fn run(args: RunArgs) -> ExitCode {
         (None, Some(spec)) => BootSource::Testbed { spec },
         _ => unreachable!("clap enforces exactly one of --kernel and --testbed"),
     };
-    let serial = match args.serial.as_str() {
+    let cfg =
+        VmConfig { mem_size: args.mem, vcpus: args.vcpus, boot, disks: args.disk, serial: serial_out(&args.serial) };
+    run_vm(cfg, args.api_sock)
+}
+
+fn serial_out(s: &str) -> SerialOut {
+    match s {
         "stdout" => SerialOut::Stdout,
         path => SerialOut::File(PathBuf::from(path)),
-    };
-    let cfg = VmConfig { mem_size: args.mem, vcpus: args.vcpus, boot, disks: args.disk, serial };
+    }
+}
+
+/// Creates the VM, serves the API, runs it to the end and reports.
+fn run_vm(cfg: VmConfig, api_sock: Option<PathBuf>) -> ExitCode {
     let vm = match Vm::create(cfg) {
         Ok(vm) => vm,
         Err(e) => {
@@ -120,7 +151,7 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_BAD_INPUT);
         }
     };
-    let _api = match &args.api_sock {
+    let _api = match &api_sock {
         Some(path) => match vmm::api::ApiServer::start(path, vm.shared()) {
             Ok(s) => Some(s),
             Err(e) => {
@@ -173,6 +204,35 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Restore { snapshot, serial, api_sock } => {
+            let cfg = VmConfig {
+                mem_size: 0,
+                vcpus: 1,
+                boot: BootSource::Restore { snapshot },
+                disks: Vec::new(),
+                serial: serial_out(&serial),
+            };
+            run_vm(cfg, api_sock)
+        }
+        Command::Snapshot { api_sock, output } => {
+            let output = std::path::absolute(&output).unwrap_or(output);
+            let req = serde_json::json!({"command": "snapshot", "path": output}).to_string();
+            match vmm::api::request(&api_sock, &req) {
+                Ok(v) => {
+                    println!("{v}");
+                    if v["ok"] == true {
+                        ExitCode::SUCCESS
+                    } else {
+                        eprintln!("vmm: snapshot failed: {}", v["error"].as_str().unwrap_or("?"));
+                        ExitCode::from(EXIT_GUEST_FAILED)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("vmm: {e}");
+                    ExitCode::from(EXIT_BAD_INPUT)
+                }
+            }
+        }
         Command::Api { api_sock, command } => match vmm::api::request(&api_sock, &command) {
             Ok(v) => {
                 println!("{v}");

@@ -8,6 +8,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::bus::{Bus, BusAction};
 use crate::control::{Control, ExitReason, Gate};
+use crate::vstate::VcpuState;
 
 /// Signal used to knock a vCPU thread out of KVM_RUN.
 pub fn kick_signal() -> i32 {
@@ -36,6 +37,9 @@ impl VcpuThread {
     }
 }
 
+/// The latest saved state of every vCPU, refreshed whenever they pause.
+pub type VcpuStates = Arc<std::sync::Mutex<Vec<Option<Result<VcpuState, String>>>>>;
+
 /// Everything a vCPU thread needs.
 pub struct VcpuContext {
     pub index: u32,
@@ -43,6 +47,27 @@ pub struct VcpuContext {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub control: Arc<Control>,
+    /// MSRs to save (from KVM_GET_MSR_INDEX_LIST, readable ones).
+    pub msrs: Arc<Vec<u32>>,
+    pub states: VcpuStates,
+}
+
+/// Saves this vCPU's state into the shared table. Pending I/O is completed
+/// first: after an I/O exit, KVM finishes the instruction on the next
+/// KVM_RUN, so one KVM_RUN with `immediate_exit` set runs nothing in the
+/// guest but leaves the registers consistent.
+fn save_state(ctx: &mut VcpuContext) {
+    ctx.fd.set_kvm_immediate_exit(1);
+    let r = ctx.fd.run().map(|_| ()).or_else(|e| if e.errno() == libc::EINTR { Ok(()) } else { Err(e) });
+    ctx.fd.set_kvm_immediate_exit(0);
+    let state = match r {
+        Ok(()) => VcpuState::capture(ctx.index, &ctx.fd, &ctx.msrs).map_err(|e| e.to_string()),
+        Err(e) => Err(format!("completing pending I/O: {e}")),
+    };
+    if let Err(e) = &state {
+        log::error!("vCPU {}: cannot save state: {e}", ctx.index);
+    }
+    ctx.states.lock().unwrap_or_else(|e| e.into_inner())[ctx.index as usize] = Some(state);
 }
 
 pub fn spawn(ctx: VcpuContext) -> std::io::Result<VcpuThread> {
@@ -63,7 +88,7 @@ fn fault(ctx: &VcpuContext, what: String) {
     ctx.control.request_exit(ExitReason::Fault { vcpu: ctx.index, message });
 }
 
-fn act(ctx: &VcpuContext, action: BusAction) -> bool {
+fn act(ctx: &mut VcpuContext, action: BusAction) -> bool {
     match action {
         BusAction::None => true,
         BusAction::Reset => {
@@ -78,6 +103,7 @@ fn act(ctx: &VcpuContext, action: BusAction) -> bool {
         }
         BusAction::Park => {
             log::debug!("vCPU {} parked", ctx.index);
+            save_state(ctx);
             ctx.control.park();
             false
         }
@@ -86,13 +112,14 @@ fn act(ctx: &VcpuContext, action: BusAction) -> bool {
 
 fn run_loop(mut ctx: VcpuContext) {
     loop {
-        if let Gate::Exit = ctx.control.gate() {
+        let control = ctx.control.clone();
+        if let Gate::Exit = control.gate(&mut || save_state(&mut ctx)) {
             return;
         }
         let keep_going = match ctx.fd.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoOut(port, data) => match ctx.pio.write(port as u64, data) {
-                    Some(a) => act(&ctx, a),
+                    Some(a) => act(&mut ctx, a),
                     None => {
                         log::trace!("unclaimed PIO write {port:#x} {data:?}");
                         true
@@ -105,7 +132,7 @@ fn run_loop(mut ctx: VcpuContext) {
                     true
                 }
                 VcpuExit::MmioWrite(addr, data) => match ctx.mmio.write(addr, data) {
-                    Some(a) => act(&ctx, a),
+                    Some(a) => act(&mut ctx, a),
                     None => {
                         log::debug!("unclaimed MMIO write {addr:#x} ({} bytes)", data.len());
                         true

@@ -22,8 +22,10 @@ use crate::control::{Control, ExitReason};
 use crate::devices::legacy::{self, ExitPort, IrqfdTrigger, ParkPort, SerialDevice, SerialSink, I8042};
 use crate::devices::virtio::VirtioBlockHandle;
 use crate::memory::{self, GuestMem};
+use crate::snapshot::{DevicesState, MmioSnapshot, SerialSnapshot, Snapshot, SnapshotConfig, SnapshotReader};
 use crate::testbed;
-use crate::vcpu::{self, VcpuContext, VcpuThread};
+use crate::vcpu::{self, VcpuContext, VcpuStates, VcpuThread};
+use crate::vstate::VmState;
 
 /// Most vCPUs a Linux guest may have (MP table APIC IDs are 8-bit).
 pub const MAX_VCPUS_LINUX: u32 = 254;
@@ -37,6 +39,9 @@ pub enum BootSource {
     Testbed { spec: String },
     /// A Linux kernel (bzImage or ELF vmlinux) via the Linux boot protocol.
     Linux { kernel: PathBuf, initramfs: Option<PathBuf>, cmdline: String },
+    /// A snapshot file written by `vmm snapshot` (the configuration comes
+    /// from the snapshot).
+    Restore { snapshot: PathBuf },
 }
 
 /// Where serial output goes.
@@ -73,6 +78,10 @@ pub enum VmError {
     Boot(String),
     #[error("device setup: {0}")]
     Device(String),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error("restoring: {0}")]
+    Restore(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -84,7 +93,12 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 /// State shared by the run loop, the vCPU threads and the API server.
 pub struct Shared {
     pub control: Arc<Control>,
+    pub fd: Arc<VmFd>,
     pub mem: Arc<GuestMem>,
+    pub config: SnapshotConfig,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub vcpu_states: VcpuStates,
+    pub msrs: Arc<Vec<u32>>,
     pub vcpus: u32,
     pub mem_size: u64,
     pub threads: Mutex<Vec<VcpuThread>>,
@@ -98,6 +112,53 @@ impl Shared {
         for t in self.threads.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             t.kick();
         }
+    }
+
+    /// Writes a snapshot of the VM to `path`. The VM is paused for the
+    /// duration (and resumed afterwards if it was running).
+    pub fn snapshot(&self, path: &std::path::Path) -> Result<Value, String> {
+        let was_paused = self.control.is_paused();
+        if !was_paused {
+            self.pause()?;
+        }
+        let t = Instant::now();
+        let res = self.write_snapshot(path);
+        if !was_paused {
+            self.control.resume();
+        }
+        let stored = res?;
+        Ok(json!({
+            "path": path.display().to_string(),
+            "pages_stored": stored,
+            "pause_ms": t.elapsed().as_secs_f64() * 1000.0,
+        }))
+    }
+
+    fn write_snapshot(&self, path: &std::path::Path) -> Result<u64, String> {
+        let mut table = self.vcpu_states.lock().unwrap_or_else(|e| e.into_inner());
+        let mut vcpus = Vec::with_capacity(table.len());
+        for (i, slot) in table.iter_mut().enumerate() {
+            match slot.take() {
+                Some(Ok(st)) => vcpus.push(st),
+                Some(Err(e)) => return Err(format!("vCPU {i}: {e}")),
+                None => return Err(format!("vCPU {i} has not saved its state")),
+            }
+        }
+        let vm = VmState::capture(&self.fd).map_err(|e| e.to_string());
+        let devices = DevicesState {
+            serial: SerialSnapshot::from(&self.serial.lock().unwrap_or_else(|e| e.into_inner()).0.state()),
+            blocks: self.blocks.iter().map(|b| MmioSnapshot::from(&b.state())).collect(),
+        };
+        let result = vm.and_then(|vm| {
+            let snap = Snapshot { config: self.config.clone(), vm, vcpus, devices };
+            let r = crate::snapshot::write(path, &snap, &self.mem).map_err(|e| e.to_string());
+            // Put the vCPU states back: the VM may stay paused and be saved again.
+            for (slot, st) in table.iter_mut().zip(snap.vcpus) {
+                *slot = Some(Ok(st));
+            }
+            r
+        });
+        result
     }
 
     /// Guest-caused errors reported by all virtio devices.
@@ -149,6 +210,9 @@ impl ApiTarget for Shared {
         self.control.request_exit(ExitReason::Shutdown);
         self.kick_all();
     }
+    fn snapshot(&self, path: &std::path::Path) -> Result<Value, String> {
+        Shared::snapshot(self, path)
+    }
 }
 
 /// How a VM run ended.
@@ -188,7 +252,22 @@ pub struct Vm {
 }
 
 impl Vm {
-    pub fn create(cfg: VmConfig) -> Result<Self, VmError> {
+    pub fn create(mut cfg: VmConfig) -> Result<Self, VmError> {
+        // A restore takes the VM's shape from the snapshot.
+        let restore = match &cfg.boot {
+            BootSource::Restore { snapshot } => {
+                let r = SnapshotReader::open(snapshot)?;
+                let c = &r.snapshot.config;
+                cfg.mem_size = c.mem_size;
+                cfg.vcpus = c.vcpus;
+                cfg.disks = c.disks.clone();
+                if let Some(spec) = &c.testbed {
+                    cfg.boot = BootSource::Testbed { spec: spec.clone() };
+                }
+                Some(r)
+            }
+            _ => None,
+        };
         let testbed_spec = match &cfg.boot {
             BootSource::Testbed { spec } => {
                 let parsed = WorkloadSpec::parse(spec).map_err(|e| VmError::Workload(e.to_string()))?;
@@ -207,7 +286,7 @@ impl Vm {
                 }
                 Some(parsed)
             }
-            BootSource::Linux { .. } => None,
+            BootSource::Linux { .. } | BootSource::Restore { .. } => None,
         };
         if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS_LINUX {
             return Err(VmError::Config(format!("--vcpus must be between 1 and {MAX_VCPUS_LINUX}")));
@@ -240,9 +319,19 @@ impl Vm {
         let (sink, serial_line_start) = SerialSink::new(serial_out);
         let serial_evt = EventFd::new(libc::EFD_NONBLOCK)?;
         fd.register_irqfd(&serial_evt, SERIAL_IRQ).map_err(kvm_err("KVM_IRQFD (serial)"))?;
-        let serial = SerialDevice(Serial::new(IrqfdTrigger(serial_evt), sink));
+        let serial = match &restore {
+            Some(r) => Serial::from_state(
+                &(&r.snapshot.devices.serial).into(),
+                IrqfdTrigger(serial_evt),
+                vm_superio::serial::NoEvents,
+                sink,
+            )
+            .map_err(|e| VmError::Restore(format!("serial: {e:?}")))?,
+            None => Serial::new(IrqfdTrigger(serial_evt), sink),
+        };
+        let serial = Arc::new(Mutex::new(SerialDevice(serial)));
         let bus_err = |e: crate::bus::Overlap| VmError::Device(e.to_string());
-        pio.insert(testbed_abi::SERIAL_PORT as u64, 8, legacy::shared(serial)).map_err(bus_err)?;
+        pio.insert(testbed_abi::SERIAL_PORT as u64, 8, serial.clone()).map_err(bus_err)?;
         pio.insert(0x60, 5, legacy::shared(I8042::default())).map_err(bus_err)?;
         pio.insert(testbed_abi::EXIT_PORT as u64, 4, legacy::shared(ExitPort)).map_err(bus_err)?;
         pio.insert(testbed_abi::PARK_PORT as u64, 4, legacy::shared(ParkPort)).map_err(bus_err)?;
@@ -266,6 +355,8 @@ impl Vm {
         let vcpu_fds: Vec<VcpuFd> = (0..cfg.vcpus)
             .map(|i| fd.create_vcpu(i as u64).map_err(kvm_err("KVM_CREATE_VCPU")))
             .collect::<Result<_, _>>()?;
+        let msrs =
+            Arc::new(crate::vstate::readable_msrs(&kvm, &vcpu_fds[0]).map_err(|e| VmError::Restore(e.to_string()))?);
         let tsc_khz = vcpu_fds[0].get_tsc_khz().unwrap_or(0);
         let base_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         for (i, v) in vcpu_fds.iter().enumerate() {
@@ -273,6 +364,21 @@ impl Vm {
             v.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         }
         match &cfg.boot {
+            _ if restore.is_some() => {
+                let r = restore.expect("checked");
+                for (b, st) in blocks.iter().zip(&r.snapshot.devices.blocks) {
+                    b.restore(&st.into()).map_err(VmError::Restore)?;
+                }
+                if r.snapshot.devices.blocks.len() != blocks.len() {
+                    return Err(VmError::Restore("the snapshot's disks do not match".into()));
+                }
+                r.snapshot.vm.restore(&fd).map_err(|e| VmError::Restore(e.to_string()))?;
+                for (v, st) in vcpu_fds.iter().zip(&r.snapshot.vcpus) {
+                    st.restore(v).map_err(|e| VmError::Restore(format!("vCPU {}: {e}", st.id)))?;
+                }
+                let loaded = r.read_memory(&mem)?;
+                log::info!("restored {} vCPU(s) and {loaded} non-zero pages", cfg.vcpus);
+            }
             BootSource::Testbed { spec } => {
                 let entry = testbed::load(&mem, spec, cfg.vcpus, tsc_khz as u64, &virtio_list)
                     .map_err(|e| VmError::Boot(e.to_string()))?;
@@ -291,11 +397,26 @@ impl Vm {
             BootSource::Linux { kernel, initramfs, cmdline } => {
                 crate::linux::boot(&mem, &vcpu_fds, kernel, initramfs.as_deref(), cmdline, &virtio_list)?;
             }
+            BootSource::Restore { .. } => unreachable!("handled above"),
         }
+        let config = SnapshotConfig {
+            mem_size: cfg.mem_size,
+            vcpus: cfg.vcpus,
+            testbed: match &cfg.boot {
+                BootSource::Testbed { spec } => Some(spec.clone()),
+                _ => None,
+            },
+            disks: cfg.disks.clone(),
+        };
 
         let shared = Arc::new(Shared {
             control: Arc::new(Control::new(cfg.vcpus)),
+            fd: fd.clone(),
             mem,
+            config,
+            serial,
+            vcpu_states: Arc::new(Mutex::new((0..cfg.vcpus).map(|_| None).collect())),
+            msrs,
             vcpus: cfg.vcpus,
             mem_size: cfg.mem_size,
             threads: Mutex::new(Vec::new()),
@@ -322,6 +443,8 @@ impl Vm {
                 pio: self.pio.clone(),
                 mmio: self.mmio.clone(),
                 control: self.shared.control.clone(),
+                msrs: self.shared.msrs.clone(),
+                states: self.shared.vcpu_states.clone(),
             };
             let t = vcpu::spawn(ctx)?;
             self.shared.threads.lock().unwrap_or_else(|e| e.into_inner()).push(t);

@@ -45,6 +45,16 @@ impl VirtioBlockHandle {
         Arc::new(Mutex::new(OnBus(self.transport.clone())))
     }
 
+    /// The transport's state, for snapshots.
+    pub fn state(&self) -> virtio_devices::MmioState {
+        self.transport.lock().unwrap_or_else(|e| e.into_inner()).state()
+    }
+
+    /// Restores a saved transport state.
+    pub fn restore(&self, state: &virtio_devices::MmioState) -> Result<(), String> {
+        self.transport.lock().unwrap_or_else(|e| e.into_inner()).restore(state)
+    }
+
     /// Guest-caused errors so far and the last message.
     pub fn errors(&self) -> (u64, Option<String>) {
         let t = self.transport.lock().unwrap_or_else(|e| e.into_inner());

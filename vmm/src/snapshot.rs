@@ -1,0 +1,376 @@
+//! Snapshot files: the complete state of a paused VM.
+//!
+//! ```text
+//! "VMMSNAP\0" | u32 version | u64 state_len | state (JSON) | BLAKE3(state)
+//! then per RAM region, in order:
+//!   u64 gpa | u64 len | page bitmap (1 bit per page: stored) | stored pages | BLAKE3(region section)
+//! ```
+//! The JSON state holds the VM configuration, KVM VM and vCPU state and the
+//! device state. Pages that are entirely zero are not stored (a fresh
+//! anonymous mapping reads as zero). Every section is checksummed; a
+//! truncated, corrupted or foreign file is refused with a clear error before
+//! anything is restored.
+
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::memory::GuestMem;
+use crate::vstate::{VcpuState, VmState};
+
+const MAGIC: &[u8; 8] = b"VMMSNAP\0";
+/// Format version; files of another version are refused.
+pub const VERSION: u32 = 1;
+const PAGE: usize = 4096;
+/// Largest JSON state section accepted.
+const MAX_STATE: u64 = 64 << 20;
+
+/// The VM's shape, enough to rebuild it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotConfig {
+    pub mem_size: u64,
+    pub vcpus: u32,
+    /// The testbed workload spec, if the guest is the testbed.
+    pub testbed: Option<String>,
+    pub disks: Vec<PathBuf>,
+}
+
+/// vm-superio's serial state, mirrored for serde.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<&vm_superio::SerialState> for SerialSnapshot {
+    fn from(s: &vm_superio::SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
+impl From<&SerialSnapshot> for vm_superio::SerialState {
+    fn from(s: &SerialSnapshot) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
+/// virtio-queue's queue state, mirrored for serde.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+/// A virtio-mmio transport's state.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MmioSnapshot {
+    pub status: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub interrupt_status: u32,
+    pub config_generation: u32,
+    pub needs_reset: bool,
+    pub queues: Vec<QueueSnapshot>,
+}
+
+impl From<&virtio_devices::MmioState> for MmioSnapshot {
+    fn from(s: &virtio_devices::MmioState) -> Self {
+        Self {
+            status: s.status,
+            device_features_sel: s.device_features_sel,
+            driver_features_sel: s.driver_features_sel,
+            driver_features: s.driver_features,
+            queue_sel: s.queue_sel,
+            interrupt_status: s.interrupt_status,
+            config_generation: s.config_generation,
+            needs_reset: s.needs_reset,
+            queues: s
+                .queues
+                .iter()
+                .map(|q| QueueSnapshot {
+                    max_size: q.max_size,
+                    next_avail: q.next_avail,
+                    next_used: q.next_used,
+                    event_idx_enabled: q.event_idx_enabled,
+                    size: q.size,
+                    ready: q.ready,
+                    desc_table: q.desc_table,
+                    avail_ring: q.avail_ring,
+                    used_ring: q.used_ring,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<&MmioSnapshot> for virtio_devices::MmioState {
+    fn from(s: &MmioSnapshot) -> Self {
+        Self {
+            status: s.status,
+            device_features_sel: s.device_features_sel,
+            driver_features_sel: s.driver_features_sel,
+            driver_features: s.driver_features,
+            queue_sel: s.queue_sel,
+            interrupt_status: s.interrupt_status,
+            config_generation: s.config_generation,
+            needs_reset: s.needs_reset,
+            queues: s
+                .queues
+                .iter()
+                .map(|q| virtio_queue::QueueState {
+                    max_size: q.max_size,
+                    next_avail: q.next_avail,
+                    next_used: q.next_used,
+                    event_idx_enabled: q.event_idx_enabled,
+                    size: q.size,
+                    ready: q.ready,
+                    desc_table: q.desc_table,
+                    avail_ring: q.avail_ring,
+                    used_ring: q.used_ring,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Device state.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DevicesState {
+    pub serial: SerialSnapshot,
+    pub blocks: Vec<MmioSnapshot>,
+}
+
+/// Everything but guest memory.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub config: SnapshotConfig,
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+    pub devices: DevicesState,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{0}: not a vmm snapshot (bad magic)")]
+    BadMagic(PathBuf),
+    #[error("{path}: snapshot format version {found}, this vmm reads version {VERSION}")]
+    BadVersion { path: PathBuf, found: u32 },
+    #[error("{0}: the snapshot is truncated")]
+    Truncated(PathBuf),
+    #[error("{path}: {what} checksum mismatch (the file is corrupted)")]
+    Checksum { path: PathBuf, what: String },
+    #[error("{path}: malformed snapshot: {what}")]
+    Malformed { path: PathBuf, what: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+struct Hashing<W> {
+    inner: W,
+    hash: blake3::Hasher,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(b)?;
+        self.hash.update(&b[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes a snapshot of a paused VM. Written to `path.tmp` and renamed, so
+/// a failure (a full disk) never leaves a partial file under `path`.
+pub fn write(path: &Path, snap: &Snapshot, mem: &GuestMem) -> Result<u64, SnapshotError> {
+    let tmp = path.with_extension("tmp");
+    let io_err = |source| SnapshotError::Io { path: path.to_owned(), source };
+    let res = (|| -> io::Result<u64> {
+        let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+        let state = serde_json::to_vec(snap).map_err(io::Error::other)?;
+        w.write_all(MAGIC)?;
+        w.write_all(&VERSION.to_le_bytes())?;
+        w.write_all(&(state.len() as u64).to_le_bytes())?;
+        w.write_all(&state)?;
+        w.write_all(blake3::hash(&state).as_bytes())?;
+        let mut stored = 0u64;
+        for region in mem.iter() {
+            let len = region.len() as usize;
+            let pages = len / PAGE;
+            let base = region.start_addr();
+            let mut h = Hashing { inner: &mut w, hash: blake3::Hasher::new() };
+            h.write_all(&base.raw_value().to_le_bytes())?;
+            h.write_all(&(len as u64).to_le_bytes())?;
+            // Bitmap of non-zero pages, then those pages, a chunk at a time.
+            let mut bitmap = vec![0u8; pages.div_ceil(8)];
+            let mut page = vec![0u8; PAGE];
+            for p in 0..pages {
+                mem.read_slice(&mut page, base.unchecked_add((p * PAGE) as u64)).map_err(io::Error::other)?;
+                if page.iter().any(|&b| b != 0) {
+                    bitmap[p / 8] |= 1 << (p % 8);
+                }
+            }
+            h.write_all(&bitmap)?;
+            for p in 0..pages {
+                if bitmap[p / 8] & (1 << (p % 8)) != 0 {
+                    mem.read_slice(&mut page, base.unchecked_add((p * PAGE) as u64)).map_err(io::Error::other)?;
+                    h.write_all(&page)?;
+                    stored += 1;
+                }
+            }
+            let digest = h.hash.finalize();
+            w.write_all(digest.as_bytes())?;
+        }
+        w.flush()?;
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        Ok(stored)
+    })();
+    match res {
+        Ok(stored) => {
+            std::fs::rename(&tmp, path).map_err(io_err)?;
+            Ok(stored)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(io_err(e))
+        }
+    }
+}
+
+/// An opened snapshot: the state is read and verified; memory follows.
+pub struct SnapshotReader {
+    path: PathBuf,
+    r: BufReader<File>,
+    pub snapshot: Snapshot,
+}
+
+fn read_exact(r: &mut impl Read, b: &mut [u8], path: &Path) -> Result<(), SnapshotError> {
+    r.read_exact(b).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            SnapshotError::Truncated(path.to_owned())
+        } else {
+            SnapshotError::Io { path: path.to_owned(), source: e }
+        }
+    })
+}
+
+impl SnapshotReader {
+    pub fn open(path: &Path) -> Result<Self, SnapshotError> {
+        let f = File::open(path).map_err(|source| SnapshotError::Io { path: path.to_owned(), source })?;
+        let mut r = BufReader::with_capacity(1 << 20, f);
+        let mut magic = [0u8; 8];
+        read_exact(&mut r, &mut magic, path)?;
+        if &magic != MAGIC {
+            return Err(SnapshotError::BadMagic(path.to_owned()));
+        }
+        let mut b4 = [0u8; 4];
+        read_exact(&mut r, &mut b4, path)?;
+        let found = u32::from_le_bytes(b4);
+        if found != VERSION {
+            return Err(SnapshotError::BadVersion { path: path.to_owned(), found });
+        }
+        let mut b8 = [0u8; 8];
+        read_exact(&mut r, &mut b8, path)?;
+        let len = u64::from_le_bytes(b8);
+        if len > MAX_STATE {
+            return Err(SnapshotError::Malformed { path: path.to_owned(), what: format!("state of {len} bytes") });
+        }
+        let mut state = vec![0u8; len as usize];
+        read_exact(&mut r, &mut state, path)?;
+        let mut digest = [0u8; 32];
+        read_exact(&mut r, &mut digest, path)?;
+        if blake3::hash(&state).as_bytes() != &digest {
+            return Err(SnapshotError::Checksum { path: path.to_owned(), what: "state".into() });
+        }
+        let snapshot: Snapshot = serde_json::from_slice(&state)
+            .map_err(|e| SnapshotError::Malformed { path: path.to_owned(), what: e.to_string() })?;
+        if snapshot.vcpus.len() != snapshot.config.vcpus as usize {
+            return Err(SnapshotError::Malformed { path: path.to_owned(), what: "vCPU count mismatch".into() });
+        }
+        Ok(Self { path: path.to_owned(), r, snapshot })
+    }
+
+    /// Reads guest memory into `mem` (which must have the snapshot's
+    /// layout), verifying every region's checksum.
+    pub fn read_memory(mut self, mem: &GuestMem) -> Result<u64, SnapshotError> {
+        let path = self.path.clone();
+        let bad = |what: String| SnapshotError::Malformed { path: path.clone(), what };
+        let mut loaded = 0;
+        for region in mem.iter() {
+            let mut hash = blake3::Hasher::new();
+            let mut b16 = [0u8; 16];
+            read_exact(&mut self.r, &mut b16, &path)?;
+            hash.update(&b16);
+            let gpa = u64::from_le_bytes(b16[..8].try_into().unwrap());
+            let len = u64::from_le_bytes(b16[8..].try_into().unwrap());
+            if gpa != region.start_addr().raw_value() || len != region.len() {
+                return Err(bad(format!("region {gpa:#x}+{len:#x} does not match the VM's memory layout")));
+            }
+            let pages = len as usize / PAGE;
+            let mut bitmap = vec![0u8; pages.div_ceil(8)];
+            read_exact(&mut self.r, &mut bitmap, &path)?;
+            hash.update(&bitmap);
+            let mut page = vec![0u8; PAGE];
+            for p in 0..pages {
+                if bitmap[p / 8] & (1 << (p % 8)) != 0 {
+                    read_exact(&mut self.r, &mut page, &path)?;
+                    hash.update(&page);
+                    mem.write_slice(&page, GuestAddress(gpa + (p * PAGE) as u64))
+                        .map_err(|e| SnapshotError::Other(format!("writing guest memory: {e}")))?;
+                    loaded += 1;
+                }
+            }
+            let mut digest = [0u8; 32];
+            read_exact(&mut self.r, &mut digest, &path)?;
+            if hash.finalize().as_bytes() != &digest {
+                return Err(SnapshotError::Checksum { path, what: format!("memory region {gpa:#x}") });
+            }
+        }
+        Ok(loaded)
+    }
+}
