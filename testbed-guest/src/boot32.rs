@@ -6,10 +6,11 @@
 //! contiguous image of memory. QEMU enters `_start32` in 32-bit protected
 //! mode with EBX = the multiboot info. The stub builds the same page tables,
 //! GDT and TSS the VMM builds (see `vmm/src/arch.rs` and `testbed-abi`),
-//! enters long mode and IRETQs to CPL3 with IOPL=3 into
-//! `_start_multiboot`, which writes the boot info page from the multiboot
-//! info and continues at the normal entry. Only these few dozen
-//! instructions run at CPL0.
+//! enters long mode and IRETQs to CPL3 with IOPL=3 (RFLAGS=0x3002) into
+//! `_start_multiboot` (RDI = the multiboot info address, RSP = vCPU 0's
+//! stack top minus 8, as if called), which writes the boot info page from
+//! the multiboot info and continues at the normal entry (vCPU 0). Only
+//! these few dozen instructions run at CPL0.
 
 use testbed_abi::{BootInfo, BOOT_INFO_GPA, PAGE_SIZE, STATS_GPA};
 
@@ -177,5 +178,5 @@ pub extern "C" fn _start_multiboot(mbi: u64) -> ! {
         core::ptr::copy_nonoverlapping(page.as_ptr(), BOOT_INFO_GPA as *mut u8, page.len());
         core::ptr::write_bytes(STATS_GPA as *mut u8, 0, PAGE_SIZE as usize);
     }
-    crate::_start(0, BOOT_INFO_GPA)
+    crate::testbed_main(0, BOOT_INFO_GPA)
 }

@@ -15,16 +15,48 @@ pub struct Clock {
     pub ticks_per_sec: u64,
 }
 
-/// Driver pages and the data buffer, at the start of the heap.
+/// Driver pages and the data buffer, from the page allocator.
 struct Pages {
     ring: u64,
     req: u64,
     buf: u64,
 }
 
-fn pages(bi: &BootInfo) -> Pages {
-    let h = bi.heap_start;
-    Pages { ring: h, req: h + PAGE_SIZE, buf: h + 2 * PAGE_SIZE }
+fn pages(bi: &BootInfo, buf_bytes: u64) -> Pages {
+    let mut heap = crate::PageAlloc::new(bi);
+    match (heap.alloc(PAGE_SIZE), heap.alloc(PAGE_SIZE), heap.alloc(buf_bytes)) {
+        (Some(ring), Some(req), Some(buf)) => Pages { ring, req, buf },
+        _ => crate::fail(format_args!("not enough RAM above heap_start for the virtio-blk driver")),
+    }
+}
+
+/// Heartbeats (stats page, every ~10 ms) and progress lines (every second)
+/// during the run phase.
+struct Progress {
+    start: u64,
+    tps: u64,
+    next_beat: u64,
+    next_print: u64,
+}
+
+impl Progress {
+    fn new(tps: u64) -> Self {
+        let start = rdtsc();
+        Self { start, tps, next_beat: start + tps / 100, next_print: start + tps }
+    }
+
+    fn tick(&mut self, b: &Batch) {
+        let now = rdtsc();
+        if now < self.next_beat {
+            return;
+        }
+        crate::heartbeat(b.ops, b.errors);
+        self.next_beat = now + self.tps / 100;
+        if now >= self.next_print {
+            self.next_print += self.tps;
+            println!("testbed: t={}s ops={} errors={}", (now - self.start) / self.tps.max(1), b.ops, b.errors);
+        }
+    }
 }
 
 fn device(bi: &BootInfo) -> u64 {
@@ -40,17 +72,22 @@ fn buf_slice(addr: u64, len: usize) -> &'static mut [u8] {
     unsafe { core::slice::from_raw_parts_mut(addr as *mut u8, len) }
 }
 
+fn wmem_u8(addr: u64, v: u8) {
+    // SAFETY: driver-owned request page, identity mapped.
+    unsafe { core::ptr::write_volatile(addr as *mut u8, v) }
+}
+
 fn sector_mut(buf: &mut [u8], i: usize) -> &mut [u8; SECTOR] {
     (&mut buf[i * SECTOR..(i + 1) * SECTOR]).try_into().unwrap()
 }
 
 pub fn run(bi: &BootInfo, spec: &WorkloadSpec, clock: &Clock) -> Batch {
-    let p = pages(bi);
+    let block = spec.disk.block as usize;
+    let p = pages(bi, block as u64);
     let mut blk = match Blk::init(device(bi), p.ring, p.req) {
         Ok(b) => b,
         Err(e) => crate::fail(format_args!("virtio-blk: {e}")),
     };
-    let block = spec.disk.block as usize;
     let per = block / SECTOR;
     let buf = buf_slice(p.buf, block);
     let mut b = Batch::default();
@@ -69,6 +106,8 @@ pub fn run(bi: &BootInfo, spec: &WorkloadSpec, clock: &Clock) -> Batch {
     let header: [u8; SECTOR] = buf[..SECTOR].try_into().unwrap();
     let mut own_start = 1u64;
     if let Some((seed, count)) = parse_header(&header) {
+        // A header without a sector count: the prepared data fills `size`.
+        let count = if count == 0 { spec.disk.size / SECTOR as u64 - 1 } else { count };
         let count = count.min(blk.capacity.saturating_sub(1));
         let mut errors = 0u64;
         let mut s = 1u64;
@@ -101,7 +140,8 @@ pub fn run(bi: &BootInfo, spec: &WorkloadSpec, clock: &Clock) -> Batch {
     println!("testbed: disk rounds over sectors {}..{} in {} KiB requests", own_start, own_start + area, block / 1024);
     crate::start_run_phase();
     let tps = clock.ticks_per_sec;
-    let start = rdtsc();
+    let mut progress = Progress::new(tps);
+    let start = progress.start;
     let end = if spec.duration_s == 0 { u64::MAX } else { start + spec.duration_s * tps };
     let mut round = 0u64;
     loop {
@@ -115,8 +155,9 @@ pub fn run(bi: &BootInfo, spec: &WorkloadSpec, clock: &Clock) -> Batch {
             }
             b.ops += 1;
             s += per as u64;
+            progress.tick(&b);
         }
-        if blk.request(T_FLUSH, 0, 0, 0).is_err() {
+        if blk.flush && blk.request(T_FLUSH, 0, 0, 0).is_err() {
             b.errors += 1;
         }
         let mut s = own_start;
@@ -133,6 +174,7 @@ pub fn run(bi: &BootInfo, spec: &WorkloadSpec, clock: &Clock) -> Batch {
             }
             b.ops += 1;
             s += per as u64;
+            progress.tick(&b);
         }
         crate::heartbeat(b.ops, b.errors);
         round += 1;
@@ -146,7 +188,7 @@ pub fn run(bi: &BootInfo, spec: &WorkloadSpec, clock: &Clock) -> Batch {
 
 /// Misbehaves towards the device on purpose; every loop is bounded.
 pub fn garbage(bi: &BootInfo, spec: &WorkloadSpec) -> Batch {
-    let p = pages(bi);
+    let p = pages(bi, PAGE_SIZE);
     let base = device(bi);
     let regs = Regs { base };
     let mut rng = Rng::new(spec.seed);
@@ -171,9 +213,15 @@ pub fn garbage(bi: &BootInfo, spec: &WorkloadSpec) -> Batch {
         blk.desc(0, p.req, 16, 1, 1);
         blk.desc(1, 0xffff_ffff_0000, 4096, 3, 2);
         blk.desc(2, p.req + 0x800, 1, 2, 0);
+        wmem_u8(p.req + 0x800, 0xff);
         blk.submit(0, 1);
+        let completed = blk.wait_spins(1_000_000).is_ok();
         let needs_reset = regs.r32(0x70) & STATUS_NEEDS_RESET != 0;
-        println!("testbed: virtio-garbage: out-of-RAM descriptor -> device needs reset: {needs_reset}");
+        println!(
+            "testbed: virtio-garbage: out-of-RAM descriptor -> completed: {completed}, status byte {:#x}, \
+             device needs reset: {needs_reset}",
+            blk.last_status()
+        );
     }
     // 4. A huge length and a chain that loops on itself.
     if let Some(mut blk) = reinit(&mut ops) {
@@ -203,7 +251,53 @@ pub fn garbage(bi: &BootInfo, spec: &WorkloadSpec) -> Batch {
     regs.w32(0x50, 7);
     regs.w32(0x70, STATUS_ACK);
     ops += 3;
-    // 8. The device still works after a proper reset.
+    // 8. An absurd queue size with rings far outside RAM (1 TiB, the top of
+    //    the address space), then a notify.
+    regs.w32(0x70, 0);
+    regs.w32(0x70, STATUS_ACK | STATUS_DRIVER);
+    regs.w32(0x24, 1);
+    regs.w32(0x20, 1);
+    regs.w32(0x70, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK);
+    regs.w32(0x30, 0);
+    regs.w32(0x38, 0xffff);
+    regs.w32(0x80, 0);
+    regs.w32(0x84, 0x100);
+    regs.w32(0x90, 0xffff_f000);
+    regs.w32(0x94, 0xffff_ffff);
+    regs.w32(0xa0, 0xffff_fff0);
+    regs.w32(0xa4, 0x7fff_ffff);
+    regs.w32(0x44, 1);
+    regs.w32(0x70, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+    regs.w32(0x50, 0);
+    ops += 1;
+    // 9. A two-descriptor loop (0 -> 1 -> 0) with valid buffers.
+    if let Some(mut blk) = reinit(&mut ops) {
+        blk.desc(0, p.req, 16, 1, 1);
+        blk.desc(1, p.req + 0x800, 1, 3, 0);
+        blk.submit(0, 1);
+    }
+    // 10. A data descriptor pointing into the MMIO hole (the device's own
+    //     registers) and a head index beyond the queue size.
+    if let Some(mut blk) = reinit(&mut ops) {
+        blk.desc(0, p.req, 16, 1, 1);
+        blk.desc(1, base, 4096, 3, 2);
+        blk.desc(2, p.req + 0x800, 1, 2, 0);
+        blk.submit(0, 1);
+    }
+    if let Some(mut blk) = reinit(&mut ops) {
+        blk.submit(0xfff0, 1);
+    }
+    // 11. Queue registers written while the queue is live, and a queue
+    //     selector beyond the device's queues.
+    if let Some(_blk) = reinit(&mut ops) {
+        regs.w32(0x38, 1 << 20);
+        regs.w32(0x80, 0x1234_5678);
+        regs.w32(0x30, 9);
+        regs.w32(0x38, 8);
+        regs.w32(0x44, 1);
+        regs.w32(0x50, 0);
+    }
+    // 12. The device still works after a proper reset.
     let works = match reinit(&mut ops) {
         Some(mut blk) => blk.request(T_IN, 0, p.buf, SECTOR as u32).is_ok(),
         None => false,

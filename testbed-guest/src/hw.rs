@@ -115,6 +115,13 @@ pub fn stat64(off: usize, v: u64) {
     unsafe { core::ptr::write_volatile((STATS_GPA as usize + off) as *mut u64, v) }
 }
 
+/// Reads a u64 field of the stats page (another vCPU's record, say).
+#[inline]
+pub fn stat_read64(off: usize) -> u64 {
+    // SAFETY: as for `stat64`; an aligned volatile load is never torn.
+    unsafe { core::ptr::read_volatile((STATS_GPA as usize + off) as *const u64) }
+}
+
 /// Writes a u32 field of the stats page.
 #[inline]
 pub fn stat32(off: usize, v: u32) {

@@ -3,9 +3,12 @@
 //! Entered by the VMM (or by the multiboot stub in `boot32.rs`) in 64-bit
 //! mode at CPL3 with IOPL=3, identity-mapped memory and no IDT, with RDI =
 //! vCPU index and RSI = the boot info page (see `testbed-abi`). Every vCPU
-//! runs `_start`; vCPU 0 initialises the console and the stats page, then
-//! all vCPUs run the workload on their own share of RAM and report in the
-//! stats page. When the duration ends, vCPU 0 writes the exit code.
+//! enters at `_start`, a tiny stub that aligns the stack (so both "RSP = the
+//! 16-byte aligned stack top" and "RSP as if just called" work) and calls
+//! [`testbed_main`]; vCPU 0 initialises the console and the stats page, then
+//! releases the others; all vCPUs run the workload on their own share of
+//! RAM and report in the stats page. When the duration ends, vCPU 0 writes
+//! the exit code.
 #![no_std]
 #![no_main]
 
@@ -36,6 +39,22 @@ static FINISHED: AtomicU32 = AtomicU32::new(0);
 
 /// Operations between clock checks and stats updates.
 const BATCH: u64 = 64;
+
+// The ELF entry point. Only RDI/RSI (the arguments) and RSP matter; the
+// stack top is re-aligned to 16 bytes before the call, so the callee sees
+// the System V ABI's alignment whichever convention the loader used.
+core::arch::global_asm!(
+    r#"
+    .section .text._start, "ax"
+    .code64
+    .global _start
+_start:
+    cld
+    and rsp, -16
+    call testbed_main
+    ud2
+"#
+);
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
@@ -152,8 +171,84 @@ enum Work<'a> {
     Mem(Mem<'a>),
 }
 
+/// Bump allocator of whole pages over the RAM region that holds `heap_start`
+/// (identity mapped: the address is both virtual and physical).
+pub struct PageAlloc {
+    next: u64,
+    end: u64,
+}
+
+impl PageAlloc {
+    pub fn new(bi: &BootInfo) -> Self {
+        let start = bi.heap_start.next_multiple_of(PAGE_SIZE);
+        let end = bi
+            .mem_regions()
+            .iter()
+            .find(|r| r.start <= start && start < r.start + r.len)
+            .map(|r| r.start + r.len)
+            .unwrap_or(start);
+        Self { next: start, end }
+    }
+
+    /// `bytes` rounded up to whole pages, page aligned; `None` when RAM is exhausted.
+    pub fn alloc(&mut self, bytes: u64) -> Option<u64> {
+        let len = bytes.max(1).next_multiple_of(PAGE_SIZE);
+        let a = self.next;
+        (self.end - a >= len).then(|| {
+            self.next += len;
+            a
+        })
+    }
+}
+
+/// Prints the parsed workload specification.
+fn print_spec(spec: &WorkloadSpec, total_ram: u64) {
+    let d = spec.duration_s;
+    match spec.workload {
+        Workload::Kv => println!(
+            "testbed: spec: kv share={}% value={} B ratio={}:{} theta=0.{:03} seed={} duration={}s{}",
+            spec.kv.share_pct,
+            spec.kv.value_size,
+            spec.kv.sets,
+            spec.kv.gets,
+            spec.kv.theta_milli,
+            spec.seed,
+            d,
+            if d == 0 { " (forever)" } else { "" }
+        ),
+        Workload::Mem => println!(
+            "testbed: spec: mem wss={} MiB rate={} pages/s{} seed={} duration={}s{}",
+            spec.mem.wss.resolve(total_ram) >> 20,
+            spec.mem.rate,
+            if spec.mem.rate == 0 { " (unlimited)" } else { "" },
+            spec.seed,
+            d,
+            if d == 0 { " (forever)" } else { "" }
+        ),
+        Workload::Disk => println!(
+            "testbed: spec: disk size={} KiB block={} B seed={} duration={}s{}",
+            spec.disk.size >> 10,
+            spec.disk.block,
+            spec.seed,
+            d,
+            if d == 0 { " (forever)" } else { "" }
+        ),
+        w => println!("testbed: spec: {} seed={}", w.name(), spec.seed),
+    }
+}
+
+/// Sum of the per-vCPU ops and errors in the stats page.
+fn total_ops_errors(n: u32) -> (u64, u64) {
+    (0..n as usize).fold((0, 0), |(o, e), v| {
+        let base = so::PER_VCPU + v * so::PER_VCPU_LEN;
+        (o + hw::stat_read64(base + so::V_OPS), e + hw::stat_read64(base + so::V_ERRORS))
+    })
+}
+
+/// The Rust entry point, called by `_start` on every vCPU with RDI = vCPU
+/// index and RSI = the boot info page address.
 #[no_mangle]
-pub extern "C" fn _start(vcpu: u64, _boot_info: u64) -> ! {
+pub extern "C" fn testbed_main(vcpu: u64, _boot_info: u64) -> ! {
     let index = vcpu as u32;
     let bi = boot_info();
     let spec = match WorkloadSpec::parse(bi.cmdline_str()) {
@@ -179,6 +274,7 @@ pub extern "C" fn _start(vcpu: u64, _boot_info: u64) -> ! {
             khz,
             bi.cmdline_str()
         );
+        print_spec(&spec, bi.total_ram());
         READY.store(1, Ordering::Release);
     } else {
         while READY.load(Ordering::Acquire) == 0 {
@@ -283,12 +379,21 @@ fn run_memory_workload(index: u32, n: u32, bi: &BootInfo, spec: &WorkloadSpec, c
             println!("testbed: filling {} MiB per vCPU with {} keys", bytes >> 20, kv.keys());
         }
         let mut filled = 0;
+        let keys = kv.keys();
+        let mut next_report = 1;
         while !kv.is_filled() {
             let b = kv.fill(4096);
             filled += b.ops;
             rec.errors += b.errors;
             stat64(rec.base + so::V_FILL_OPS, filled);
             stat64(rec.base + so::V_ERRORS, rec.errors);
+            if index == 0 && next_report < 4 && filled * 4 >= keys * next_report {
+                println!("testbed: fill {}% ({} of {} keys on vCPU 0)", next_report * 25, filled, keys);
+                next_report += 1;
+            }
+        }
+        if rec.errors != 0 {
+            println!("testbed: vCPU {index}: {} keys could not be inserted", rec.errors);
         }
     }
     FILLED.fetch_add(1, Ordering::AcqRel);
@@ -328,13 +433,17 @@ fn run_memory_workload(index: u32, n: u32, bi: &BootInfo, spec: &WorkloadSpec, c
             Work::Kv(kv) => kv.run(BATCH),
             Work::Mem(m) => m.run(if rate != 0 { 1 } else { 8 }),
         };
+        if b.errors != 0 && rec.errors == 0 {
+            println!("testbed: vCPU {index}: data error detected after {} run-phase ops", rec.ops + b.ops);
+        }
         rec.add(b);
         if index == 0 && now >= next_beat {
             stat64(so::NOW_TSC, now);
             next_beat = now + beat;
             if now >= next_print {
                 next_print += tps;
-                println!("testbed: t={}s ops={} errors={}", clock.secs(now - start), rec.ops, rec.errors);
+                let (ops, errors) = total_ops_errors(n);
+                println!("testbed: t={}s ops={} errors={}", clock.secs(now - start), ops, errors);
             }
         }
     }
@@ -350,11 +459,14 @@ fn run_memory_workload(index: u32, n: u32, bi: &BootInfo, spec: &WorkloadSpec, c
     stat64(so::NOW_TSC, now);
     stat64(so::RUN_END_TSC, now);
     stat32(so::PHASE, Phase::Done as u32);
+    let (ops, errors) = total_ops_errors(n);
     println!(
-        "testbed: done after {} s: vCPU 0 ops={} errors={} (all vCPUs: see the stats page)",
+        "testbed: done after {} s: ops={} errors={} ({} ops/s, {} vCPU(s))",
         clock.secs(now - start),
-        rec.ops,
-        rec.errors
+        ops,
+        errors,
+        (ops as u128 * tps as u128 / (now - start).max(1) as u128) as u64,
+        n
     );
     hw::exit(ExitCode::Done)
 }

@@ -15,6 +15,9 @@ pub const T_OUT: u32 = 1;
 pub const T_FLUSH: u32 = 4;
 pub const T_GET_ID: u32 = 8;
 
+/// VIRTIO_BLK_F_FLUSH (feature bit 9).
+const F_BLK_FLUSH: u32 = 1 << 9;
+
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 
@@ -62,6 +65,8 @@ pub struct Blk {
     avail_idx: u16,
     used_idx: u16,
     pub capacity: u64,
+    /// VIRTIO_BLK_F_FLUSH was negotiated (FLUSH requests are supported).
+    pub flush: bool,
 }
 
 #[derive(Debug)]
@@ -98,12 +103,15 @@ impl Blk {
         }
         regs.w32(0x70, 0);
         regs.w32(0x70, STATUS_ACK | STATUS_DRIVER);
+        regs.w32(0x14, 0);
+        // VIRTIO_BLK_F_FLUSH, if offered: the device may cache writes; we flush.
+        let flush = regs.r32(0x10) & F_BLK_FLUSH != 0;
         regs.w32(0x14, 1);
         if regs.r32(0x10) & 1 == 0 {
             return Err(BlkError::FeaturesRefused);
         }
         regs.w32(0x24, 0);
-        regs.w32(0x20, 1 << 9); // VIRTIO_BLK_F_FLUSH: the device may cache writes; we flush
+        regs.w32(0x20, if flush { F_BLK_FLUSH } else { 0 });
         regs.w32(0x24, 1);
         regs.w32(0x20, 1); // VIRTIO_F_VERSION_1
         regs.w32(0x70, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK);
@@ -129,7 +137,7 @@ impl Blk {
         regs.w32(0x70, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
         let lo = regs.r32(0x100) as u64;
         let hi = regs.r32(0x104) as u64;
-        Ok(Self { regs, ring, req, avail_idx: 0, used_idx: 0, capacity: lo | hi << 32 })
+        Ok(Self { regs, ring, req, avail_idx: 0, used_idx: 0, capacity: lo | hi << 32, flush })
     }
 
     /// Writes descriptor `i`.
@@ -155,7 +163,12 @@ impl Blk {
 
     /// Waits (bounded) for the device to use one more buffer.
     pub fn wait(&mut self) -> Result<(), BlkError> {
-        for _ in 0..10_000_000u32 {
+        self.wait_spins(10_000_000)
+    }
+
+    /// Waits for the device to use one more buffer, for at most `spins` polls.
+    pub fn wait_spins(&mut self, spins: u32) -> Result<(), BlkError> {
+        for _ in 0..spins {
             let idx: u16 = rmem(self.ring + 0x200 + 2);
             if idx != self.used_idx {
                 self.used_idx = self.used_idx.wrapping_add(1);
@@ -165,6 +178,11 @@ impl Blk {
             core::hint::spin_loop();
         }
         Err(BlkError::Timeout)
+    }
+
+    /// The status byte of the last request (0xff: the device did not write it).
+    pub fn last_status(&self) -> u8 {
+        rmem(self.req + 0x800)
     }
 
     /// One request: header, optional data buffer, status.
