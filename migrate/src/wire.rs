@@ -104,6 +104,8 @@ pub enum WireError {
     BadChannel { got: u32, expected: u32 },
     #[error("authentication failed: the peer does not hold the migration key")]
     AuthFailed,
+    #[error("authentication failed: the peer rejected our key (do both sides use the same key file?)")]
+    AuthRejected,
     #[error("frame of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
     Oversized(u32),
     #[error("unknown frame kind {0}")]
@@ -228,7 +230,12 @@ pub fn connect_handshake(s: &mut (impl Read + Write), key: &Key, channel: Channe
     s.write_all(&key.mac(b"src", &nd, &ns, channel))?;
     s.flush()?;
     let mut mac = [0u8; 32];
-    read_exact(s, &mut mac)?;
+    // A receiver that cannot verify our MAC hangs up without a word.
+    read_exact(s, &mut mac).map_err(|e| match e {
+        WireError::Truncated => WireError::AuthRejected,
+        WireError::Io(io) if io.kind() == io::ErrorKind::ConnectionReset => WireError::AuthRejected,
+        other => other,
+    })?;
     if !constant_time_eq(&mac, &key.mac(b"dst", &ns, &nd, channel)) {
         return Err(WireError::AuthFailed);
     }
@@ -422,7 +429,7 @@ mod tests {
         assert!(d.is_ok() && s.is_ok(), "{d:?} {s:?}");
         let (d, s) = handshake(key(1), key(2), Channel::Main, Channel::Main);
         assert!(matches!(d, Err(WireError::AuthFailed)), "{d:?}");
-        assert!(s.is_err());
+        assert!(matches!(s, Err(WireError::AuthRejected)), "{s:?}");
         let (d, s) = handshake(key(1), key(1), Channel::Main, Channel::Demand);
         assert!(matches!(s, Err(WireError::BadChannel { got: 0, expected: 1 })), "{s:?}");
         assert!(d.is_err());

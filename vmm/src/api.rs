@@ -22,6 +22,8 @@ pub trait ApiTarget: Send + Sync {
     fn shutdown(&self);
     /// Writes a snapshot of the VM to `path`; returns details.
     fn snapshot(&self, path: &Path) -> Result<Value, String>;
+    /// Migrates the VM (`to`, `mode`, `key_file` in the request); returns the report.
+    fn migrate(&self, req: &Value) -> Result<Value, String>;
 }
 
 /// Longest request line accepted.
@@ -32,6 +34,8 @@ const MAX_REQUEST: usize = 64 * 1024;
 pub struct Request {
     pub command: String,
     pub path: Option<String>,
+    /// The whole JSON request (commands with several arguments).
+    pub json: Value,
 }
 
 /// Parses one request line.
@@ -48,11 +52,11 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
             .map(str::to_owned)
             .ok_or_else(|| "JSON request lacks a string \"command\" field".to_string())?;
         let path = v.get("path").and_then(Value::as_str).map(str::to_owned);
-        return Ok(Request { command, path });
+        return Ok(Request { command, path, json: v });
     }
     let (command, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
     let rest = rest.trim();
-    Ok(Request { command: command.to_owned(), path: (!rest.is_empty()).then(|| rest.to_owned()) })
+    Ok(Request { command: command.to_owned(), path: (!rest.is_empty()).then(|| rest.to_owned()), json: Value::Null })
 }
 
 /// Handles one request and returns the reply object.
@@ -89,9 +93,18 @@ pub fn handle(target: &dyn ApiTarget, line: &str) -> Value {
                 Err(e) => json!({"ok": false, "error": e}),
             },
         },
+        "migrate" => match target.migrate(&req.json) {
+            Ok(mut v) => {
+                v["ok"] = true.into();
+                v
+            }
+            Err(e) => json!({"ok": false, "error": e}),
+        },
         other => json!({
             "ok": false,
-            "error": format!("unknown command `{other}`; expected status, pause, resume, shutdown or snapshot PATH"),
+            "error": format!(
+                "unknown command `{other}`; expected status, pause, resume, shutdown, snapshot PATH or migrate"
+            ),
         }),
     }
 }
@@ -175,9 +188,14 @@ use std::io::Read as _;
 
 /// Client side: sends one command and returns the reply object.
 pub fn request(path: &Path, command: &str) -> std::io::Result<Value> {
+    request_with_timeout(path, command, Duration::from_secs(600))
+}
+
+/// As [`request`], waiting up to `timeout` for the reply.
+pub fn request_with_timeout(path: &Path, command: &str, timeout: Duration) -> std::io::Result<Value> {
     let mut s = UnixStream::connect(path)
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot connect to {}: {e}", path.display())))?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    s.set_read_timeout(Some(timeout))?;
     writeln!(s, "{command}")?;
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
@@ -205,6 +223,9 @@ mod tests {
         fn shutdown(&self) {}
         fn snapshot(&self, path: &Path) -> Result<Value, String> {
             Ok(json!({"path": path.display().to_string()}))
+        }
+        fn migrate(&self, _req: &Value) -> Result<Value, String> {
+            Err("no".into())
         }
     }
 

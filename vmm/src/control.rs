@@ -13,6 +13,8 @@ pub enum ExitReason {
     GuestReset,
     /// An operator asked for shutdown through the API socket.
     Shutdown,
+    /// The VM now runs on another host.
+    Migrated,
     /// A vCPU hit something it cannot continue from.
     Fault { vcpu: u32, message: String },
 }

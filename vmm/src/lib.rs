@@ -17,6 +17,7 @@ pub mod cpuid;
 pub mod devices;
 pub mod linux;
 pub mod memory;
+pub mod migration;
 pub mod snapshot;
 pub mod testbed;
 pub mod vcpu;

@@ -49,6 +49,42 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         api_sock: Option<PathBuf>,
     },
+    /// Run the destination of a migration: wait for an authenticated incoming VM, then run it.
+    Receive {
+        /// Address to listen on, e.g. 0.0.0.0:7000.
+        #[arg(long, value_name = "ADDR")]
+        listen: String,
+        /// File with the shared migration key (the source uses the same file).
+        #[arg(long, value_name = "FILE")]
+        key_file: PathBuf,
+        /// Serial console output: `stdout` or a file path.
+        #[arg(long, value_name = "stdout|FILE", default_value = "stdout")]
+        serial: String,
+        /// Serve the control API on this Unix socket once the VM runs.
+        #[arg(long, value_name = "PATH")]
+        api_sock: Option<PathBuf>,
+    },
+    /// Migrate a running VM to a `vmm receive` destination and print the report.
+    Migrate {
+        /// The source VMM's API socket.
+        #[arg(long, value_name = "PATH")]
+        api_sock: PathBuf,
+        /// The destination, HOST:PORT.
+        #[arg(long, value_name = "ADDR")]
+        to: String,
+        /// Shorthand for --mode enlightened.
+        #[arg(long, conflicts_with = "mode")]
+        enlightened: bool,
+        /// stop-and-copy, precopy, postcopy or enlightened (implemented so far: stop-and-copy).
+        #[arg(long, value_name = "MODE")]
+        mode: Option<String>,
+        /// File with the shared migration key.
+        #[arg(long, value_name = "FILE")]
+        key_file: PathBuf,
+        /// Also write the JSON report to this file.
+        #[arg(long, value_name = "FILE")]
+        report: Option<PathBuf>,
+    },
     /// Snapshot a running VM (paused for the duration) to a file.
     Snapshot {
         /// The VMM's API socket.
@@ -144,13 +180,57 @@ fn serial_out(s: &str) -> SerialOut {
 
 /// Creates the VM, serves the API, runs it to the end and reports.
 fn run_vm(cfg: VmConfig, api_sock: Option<PathBuf>) -> ExitCode {
-    let vm = match Vm::create(cfg) {
-        Ok(vm) => vm,
+    match Vm::create(cfg) {
+        Ok(vm) => serve_and_run(vm, api_sock),
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            ExitCode::from(EXIT_BAD_INPUT)
+        }
+    }
+}
+
+/// Waits for an incoming migration and runs the VM it brings.
+fn receive(listen: &str, key_file: &std::path::Path, serial: &str, api_sock: Option<PathBuf>) -> ExitCode {
+    let key = match vmm::migration::load_key(key_file) {
+        Ok(k) => k,
         Err(e) => {
             eprintln!("vmm: {e}");
             return ExitCode::from(EXIT_BAD_INPUT);
         }
     };
+    let listener = match std::net::TcpListener::bind(listen) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("vmm: cannot listen on {listen}: {e}");
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    log::info!("receive: waiting for a migration on {listen}");
+    loop {
+        let vmm::migration::Incoming { mut stream, peer, reader } = vmm::migration::accept(&listener, &key);
+        let cfg = VmConfig {
+            mem_size: 0,
+            vcpus: 1,
+            boot: BootSource::Restore { snapshot: PathBuf::from(format!("migration from {peer}")) },
+            disks: Vec::new(),
+            serial: serial_out(serial),
+        };
+        match Vm::create_incoming(cfg, reader) {
+            Ok(vm) => {
+                if let Err(e) = vmm::migration::confirm(&mut stream) {
+                    // The source did not hear us: it keeps its VM; so must we not run ours.
+                    eprintln!("vmm: could not confirm the migration to {peer}: {e}; discarding the VM");
+                    continue;
+                }
+                log::info!("receive: VM from {peer} restored; running it");
+                return serve_and_run(vm, api_sock);
+            }
+            Err(e) => log::error!("receive: refused the migration from {peer}: {e}"),
+        }
+    }
+}
+
+fn serve_and_run(vm: Vm, api_sock: Option<PathBuf>) -> ExitCode {
     let _api = match &api_sock {
         Some(path) => match vmm::api::ApiServer::start(path, vm.shared()) {
             Ok(s) => Some(s),
@@ -213,6 +293,36 @@ fn main() -> ExitCode {
                 serial: serial_out(&serial),
             };
             run_vm(cfg, api_sock)
+        }
+        Command::Receive { listen, key_file, serial, api_sock } => receive(&listen, &key_file, &serial, api_sock),
+        Command::Migrate { api_sock, to, enlightened, mode, key_file, report } => {
+            let mode = if enlightened { "enlightened".to_string() } else { mode.unwrap_or("enlightened".into()) };
+            if let Err(e) = vmm::migration::Mode::parse(&mode) {
+                eprintln!("vmm: {e}");
+                return ExitCode::from(EXIT_BAD_INPUT);
+            }
+            let key_file = std::path::absolute(&key_file).unwrap_or(key_file);
+            let req = serde_json::json!({"command": "migrate", "to": to, "mode": mode, "key_file": key_file});
+            match vmm::api::request_with_timeout(&api_sock, &req.to_string(), std::time::Duration::from_secs(3600)) {
+                Ok(v) => {
+                    println!("{v}");
+                    if let Some(path) = report {
+                        if let Err(e) = std::fs::write(&path, format!("{v:#}\n")) {
+                            eprintln!("vmm: cannot write the report to {}: {e}", path.display());
+                        }
+                    }
+                    if v["ok"] == true {
+                        ExitCode::SUCCESS
+                    } else {
+                        eprintln!("vmm: migration failed: {}", v["error"].as_str().unwrap_or("?"));
+                        ExitCode::from(EXIT_GUEST_FAILED)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("vmm: {e}");
+                    ExitCode::from(EXIT_BAD_INPUT)
+                }
+            }
         }
         Command::Snapshot { api_sock, output } => {
             let output = std::path::absolute(&output).unwrap_or(output);

@@ -232,6 +232,27 @@ pub fn write(path: &Path, snap: &Snapshot, mem: &GuestMem) -> Result<u64, Snapsh
     let io_err = |source| SnapshotError::Io { path: path.to_owned(), source };
     let res = (|| -> io::Result<u64> {
         let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+        let stored = write_stream(&mut w, snap, mem)?;
+        w.flush()?;
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        Ok(stored)
+    })();
+    match res {
+        Ok(stored) => {
+            std::fs::rename(&tmp, path).map_err(io_err)?;
+            Ok(stored)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(io_err(e))
+        }
+    }
+}
+
+/// Writes a snapshot to any stream (a file, a migration connection);
+/// returns the number of pages stored.
+pub fn write_stream<W: Write + ?Sized>(w: &mut W, snap: &Snapshot, mem: &GuestMem) -> io::Result<u64> {
+    {
         let state = serde_json::to_vec(snap).map_err(io::Error::other)?;
         w.write_all(MAGIC)?;
         w.write_all(&VERSION.to_le_bytes())?;
@@ -243,7 +264,7 @@ pub fn write(path: &Path, snap: &Snapshot, mem: &GuestMem) -> Result<u64, Snapsh
             let len = region.len() as usize;
             let pages = len / PAGE;
             let base = region.start_addr();
-            let mut h = Hashing { inner: &mut w, hash: blake3::Hasher::new() };
+            let mut h = Hashing { inner: &mut *w, hash: blake3::Hasher::new() };
             h.write_all(&base.raw_value().to_le_bytes())?;
             h.write_all(&(len as u64).to_le_bytes())?;
             // Bitmap of non-zero pages, then those pages, a chunk at a time.
@@ -266,26 +287,14 @@ pub fn write(path: &Path, snap: &Snapshot, mem: &GuestMem) -> Result<u64, Snapsh
             let digest = h.hash.finalize();
             w.write_all(digest.as_bytes())?;
         }
-        w.flush()?;
-        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         Ok(stored)
-    })();
-    match res {
-        Ok(stored) => {
-            std::fs::rename(&tmp, path).map_err(io_err)?;
-            Ok(stored)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(io_err(e))
-        }
     }
 }
 
 /// An opened snapshot: the state is read and verified; memory follows.
 pub struct SnapshotReader {
     path: PathBuf,
-    r: BufReader<File>,
+    r: Box<dyn Read + Send>,
     pub snapshot: Snapshot,
 }
 
@@ -302,7 +311,12 @@ fn read_exact(r: &mut impl Read, b: &mut [u8], path: &Path) -> Result<(), Snapsh
 impl SnapshotReader {
     pub fn open(path: &Path) -> Result<Self, SnapshotError> {
         let f = File::open(path).map_err(|source| SnapshotError::Io { path: path.to_owned(), source })?;
-        let mut r = BufReader::with_capacity(1 << 20, f);
+        Self::from_stream(Box::new(BufReader::with_capacity(1 << 20, f)), path)
+    }
+
+    /// Reads a snapshot from a stream; `name` labels errors.
+    pub fn from_stream(mut r: Box<dyn Read + Send>, name: &Path) -> Result<Self, SnapshotError> {
+        let path = name;
         let mut magic = [0u8; 8];
         read_exact(&mut r, &mut magic, path)?;
         if &magic != MAGIC {

@@ -135,6 +135,38 @@ impl Shared {
     }
 
     fn write_snapshot(&self, path: &std::path::Path) -> Result<u64, String> {
+        self.with_snapshot(&mut |snap| crate::snapshot::write(path, snap, &self.mem).map_err(|e| e.to_string()))
+    }
+
+    /// Migrates the VM to another VMM; on success the VM here ends.
+    pub fn migrate(&self, to: &str, key: &migrate::wire::Key, mode: crate::migration::Mode) -> Result<Value, String> {
+        let pause = || -> Result<bool, String> {
+            if self.control.is_paused() {
+                return Ok(false);
+            }
+            self.pause()?;
+            Ok(true)
+        };
+        let resume = || self.control.resume();
+        let write_state = |w: &mut dyn Write| -> Result<u64, String> {
+            self.with_snapshot(&mut |snap| {
+                crate::snapshot::write_stream(w, snap, &self.mem).map_err(|e| format!("sending the VM: {e}"))
+            })
+        };
+        let report = crate::migration::send(
+            to,
+            key,
+            mode,
+            crate::migration::Source { pause: &pause, resume: &resume, write_state: &write_state },
+        )?;
+        log::info!("migrated to {to}: {report}");
+        self.control.request_exit(ExitReason::Migrated);
+        self.kick_all();
+        Ok(report)
+    }
+
+    /// Builds the snapshot of the paused VM and hands it to `f`.
+    fn with_snapshot(&self, f: &mut dyn FnMut(&Snapshot) -> Result<u64, String>) -> Result<u64, String> {
         let mut table = self.vcpu_states.lock().unwrap_or_else(|e| e.into_inner());
         let mut vcpus = Vec::with_capacity(table.len());
         for (i, slot) in table.iter_mut().enumerate() {
@@ -151,7 +183,7 @@ impl Shared {
         };
         let result = vm.and_then(|vm| {
             let snap = Snapshot { config: self.config.clone(), vm, vcpus, devices };
-            let r = crate::snapshot::write(path, &snap, &self.mem).map_err(|e| e.to_string());
+            let r = f(&snap);
             // Put the vCPU states back: the VM may stay paused and be saved again.
             for (slot, st) in table.iter_mut().zip(snap.vcpus) {
                 *slot = Some(Ok(st));
@@ -213,6 +245,13 @@ impl ApiTarget for Shared {
     fn snapshot(&self, path: &std::path::Path) -> Result<Value, String> {
         Shared::snapshot(self, path)
     }
+    fn migrate(&self, req: &Value) -> Result<Value, String> {
+        let to = req.get("to").and_then(Value::as_str).ok_or("migrate needs \"to\": \"HOST:PORT\"")?;
+        let mode = crate::migration::Mode::parse(req.get("mode").and_then(Value::as_str).unwrap_or("enlightened"))?;
+        let key_file = req.get("key_file").and_then(Value::as_str).ok_or("migrate needs \"key_file\"")?;
+        let key = crate::migration::load_key(std::path::Path::new(key_file))?;
+        Shared::migrate(self, to, &key, mode)
+    }
 }
 
 /// How a VM run ended.
@@ -233,7 +272,7 @@ impl Outcome {
     pub fn success(&self) -> bool {
         let clean_exit = match &self.reason {
             ExitReason::GuestExit(c) => *c == testbed_abi::ExitCode::Done as u32,
-            ExitReason::GuestReset | ExitReason::Shutdown => true,
+            ExitReason::GuestReset | ExitReason::Shutdown | ExitReason::Migrated => true,
             ExitReason::Fault { .. } => false,
         };
         clean_exit && self.workload_errors == 0 && self.device_errors == 0
@@ -252,11 +291,25 @@ pub struct Vm {
 }
 
 impl Vm {
-    pub fn create(mut cfg: VmConfig) -> Result<Self, VmError> {
+    pub fn create(cfg: VmConfig) -> Result<Self, VmError> {
+        Self::create_from(cfg, None)
+    }
+
+    /// Creates a VM from an incoming migration stream (already verified up
+    /// to its state section; memory is read and checked here).
+    pub fn create_incoming(cfg: VmConfig, reader: SnapshotReader) -> Result<Self, VmError> {
+        Self::create_from(cfg, Some(reader))
+    }
+
+    fn create_from(mut cfg: VmConfig, incoming: Option<SnapshotReader>) -> Result<Self, VmError> {
         // A restore takes the VM's shape from the snapshot.
-        let restore = match &cfg.boot {
-            BootSource::Restore { snapshot } => {
-                let r = SnapshotReader::open(snapshot)?;
+        let opened = match (&cfg.boot, incoming) {
+            (_, Some(r)) => Some(r),
+            (BootSource::Restore { snapshot }, None) => Some(SnapshotReader::open(snapshot)?),
+            _ => None,
+        };
+        let restore = match opened {
+            Some(r) => {
                 let c = &r.snapshot.config;
                 cfg.mem_size = c.mem_size;
                 cfg.vcpus = c.vcpus;
@@ -496,6 +549,7 @@ fn exit_json(r: &ExitReason) -> Value {
         },
         ExitReason::GuestReset => "reset".into(),
         ExitReason::Shutdown => "shutdown".into(),
+        ExitReason::Migrated => "migrated".into(),
         ExitReason::Fault { message, .. } => format!("fault: {message}").into(),
     }
 }

@@ -1,0 +1,147 @@
+//! Migration between two hosts on one machine: the source VMM in one network
+//! namespace, the destination in another, joined by a rate-limited veth.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{path_str, vmm_bin, wait_output, TempDir};
+use netsim::{NetnsPair, Side, DST_IP};
+
+const T: Duration = Duration::from_secs(180);
+
+fn spawn_in(pair: &NetnsPair, side: Side, args: &[&str]) -> Child {
+    pair.command(side, vmm_bin())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn api(sock: &Path, cmd: &str) -> serde_json::Value {
+    let out = Command::new(vmm_bin()).args(["api", "--api-sock", path_str(sock), cmd]).output().unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("api {cmd}: {e}: {out:?}"))
+}
+
+fn wait_for_run_phase(sock: &Path) -> u64 {
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(30), "API socket never appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    loop {
+        let st = api(sock, "status");
+        if st["workload"]["phase"] == "run" && st["workload"]["ops"].as_u64().unwrap_or(0) > 0 {
+            return st["workload"]["ops"].as_u64().unwrap();
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "never reached the run phase: {st}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn migrate(sock: &Path, to: &str, key: &Path) -> (bool, serde_json::Value, String) {
+    let out = Command::new(vmm_bin())
+        .args(["migrate", "--api-sock", path_str(sock), "--to", to, "--mode", "stop-and-copy"])
+        .args(["--key-file", path_str(key)])
+        .output()
+        .unwrap();
+    let v = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.success(), v, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn stop_and_copy_between_two_namespaces() {
+    let pair = NetnsPair::create(Some(1_000_000_000)).unwrap();
+    let d = TempDir::new("mig");
+    let key = d.path("key");
+    std::fs::write(&key, b"0123456789abcdef-test-migration-key").unwrap();
+    let wrong = d.path("wrong");
+    std::fs::write(&wrong, b"fedcba9876543210-some-other-key!!").unwrap();
+    let src_sock = d.path("src.sock");
+    let to = format!("{DST_IP}:7001");
+
+    let dst = spawn_in(&pair, Side::Dst, &["receive", "--listen", &to, "--key-file", path_str(&key)]);
+    let src = spawn_in(
+        &pair,
+        Side::Src,
+        &[
+            "run",
+            "--testbed",
+            "kv,duration=4,share=20",
+            "--mem",
+            "256M",
+            "--vcpus",
+            "2",
+            "--api-sock",
+            path_str(&src_sock),
+        ],
+    );
+    wait_for_run_phase(&src_sock);
+
+    // A source with the wrong key is refused, and its VM keeps running.
+    let (ok, v, err) = migrate(&src_sock, &to, &wrong);
+    assert!(!ok, "migration with a wrong key succeeded: {v}");
+    assert!(
+        v["error"].as_str().unwrap_or("").contains("authentication failed") || err.contains("authentication"),
+        "{v} {err}"
+    );
+    let st = api(&src_sock, "status");
+    assert_eq!(st["state"], "running", "{st}");
+    let before = st["workload"]["ops"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        api(&src_sock, "status")["workload"]["ops"].as_u64().unwrap() > before,
+        "source stopped after a refused migration"
+    );
+
+    // The real migration.
+    let (ok, report, err) = migrate(&src_sock, &to, &key);
+    assert!(ok, "{report} {err}");
+    assert_eq!(report["mode"], "stop-and-copy");
+    assert!(report["downtime_ms"].as_f64().unwrap() > 0.0);
+    assert!(report["bytes"]["stop_and_copy"].as_u64().unwrap() > 50 << 20, "{report}");
+    let so = wait_output(src, T);
+    assert_eq!(so.code, Some(0), "{so}");
+    assert_eq!(so.json()["exit"], "migrated", "{so}");
+    let migrated_at = so.json()["ops"].as_u64().unwrap();
+
+    let d_out = wait_output(dst, T);
+    assert_eq!(d_out.code, Some(0), "{d_out}");
+    let j = d_out.json();
+    assert_eq!(j["exit"], "done", "{d_out}");
+    assert_eq!(j["errors"], 0, "{d_out}");
+    assert_eq!(j["vcpus"], 2, "{d_out}");
+    assert!(j["ops"].as_u64().unwrap() > migrated_at, "no progress on the destination\n{d_out}");
+}
+
+#[test]
+fn dead_destination_leaves_the_source_running() {
+    let pair = NetnsPair::create(None).unwrap();
+    let d = TempDir::new("mig-dead");
+    let key = d.path("key");
+    std::fs::write(&key, b"0123456789abcdef-test-migration-key").unwrap();
+    let sock = d.path("src.sock");
+    let src =
+        spawn_in(&pair, Side::Src, &["run", "--testbed", "kv,share=5", "--mem", "128M", "--api-sock", path_str(&sock)]);
+    wait_for_run_phase(&sock);
+    // Nobody listens on the destination.
+    let (ok, v, _) = migrate(&sock, &format!("{DST_IP}:7002"), &key);
+    assert!(!ok, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("cannot connect"), "{v}");
+    // The link is down.
+    pair.set_link(false).unwrap();
+    let (ok, v, _) = migrate(&sock, &format!("{DST_IP}:7002"), &key);
+    assert!(!ok, "{v}");
+    pair.set_link(true).unwrap();
+    let st = api(&sock, "status");
+    assert_eq!(st["state"], "running", "{st}");
+    assert_eq!(api(&sock, "shutdown")["ok"], true);
+    let o = wait_output(src, T);
+    assert_eq!(o.code, Some(0), "{o}");
+    assert_eq!(o.json()["errors"], 0, "{o}");
+}
