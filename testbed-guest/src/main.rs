@@ -79,29 +79,54 @@ fn boot_info() -> BootInfo {
     }
 }
 
-/// Calibrates the TSC against PIT channel 2 (the QEMU path, where the boot
-/// info has no TSC frequency): 20 ms, mode 0, polled through port 0x61.
-fn calibrate_tsc_khz() -> u64 {
-    const PIT_HZ: u64 = 1_193_182;
-    const MS: u64 = 20;
-    let count = (PIT_HZ * MS / 1000) as u16;
-    let gate = hw::inb(0x61);
-    hw::outb(0x61, (gate & !0x02) | 0x01);
-    hw::outb(0x43, 0xb0);
-    hw::outb(0x42, count as u8);
-    hw::outb(0x42, (count >> 8) as u8);
-    let t0 = rdtsc();
-    let mut spins = 0u64;
-    while hw::inb(0x61) & 0x20 == 0 {
-        spins += 1;
-        if spins > 50_000_000 {
-            println!("testbed: PIT calibration timed out; assuming a 2 GHz TSC");
-            return 2_000_000;
+/// One reading of PIT channel 2's counter and the TSC at that moment: the
+/// counter is latched by an `OUT` bracketed by two TSC reads; of several
+/// tries the one with the narrowest bracket wins (a vCPU preempted during
+/// the exit gives a wide one). Returns (TSC at the bracket's midpoint, count).
+fn pit_sample() -> (u64, u16) {
+    let mut best = (u64::MAX, 0, 0);
+    for _ in 0..8 {
+        let a = rdtsc();
+        hw::outb(0x43, 0x80); // latch channel 2
+        let b = rdtsc();
+        let lo = hw::inb(0x42) as u16;
+        let hi = hw::inb(0x42) as u16;
+        if b - a < best.0 {
+            best = (b - a, a + (b - a) / 2, lo | hi << 8);
         }
     }
-    let t1 = rdtsc();
+    (best.1, best.2)
+}
+
+/// Calibrates the TSC against PIT channel 2 (the QEMU path, where the boot
+/// info has no TSC frequency): the counter runs down from 0xffff (mode 0,
+/// 55 ms); it is read once at the start and once ~40 ms later.
+fn calibrate_tsc_khz() -> u64 {
+    const PIT_HZ: u64 = 1_193_182;
+    let gate = hw::inb(0x61);
+    hw::outb(0x61, (gate & !0x02) | 0x01); // gate on, speaker off
+    hw::outb(0x43, 0xb0); // channel 2, lo/hi byte, mode 0, binary
+    hw::outb(0x42, 0xff);
+    hw::outb(0x42, 0xff);
+    let (t0, c0) = pit_sample();
+    let mut spins = 0u64;
+    let (t1, c1) = loop {
+        let (t, c) = pit_sample();
+        // Stop ~10 ms before the counter reaches zero (and wraps).
+        if c < 0x3000 || c > c0 {
+            break (t, c);
+        }
+        spins += 1;
+        if spins > 1_000_000 {
+            break (t, c);
+        }
+    };
     hw::outb(0x61, gate);
-    (t1 - t0) / MS
+    if c1 >= c0 || c0 - c1 < 0x4000 || t1 <= t0 {
+        println!("testbed: PIT calibration failed (counts {c0:#x} -> {c1:#x}); assuming a 2 GHz TSC");
+        return 2_000_000;
+    }
+    ((t1 - t0) as u128 * PIT_HZ as u128 / (c0 - c1) as u128 / 1000) as u64
 }
 
 /// This vCPU's share of the heap: the largest contiguous piece of the

@@ -269,6 +269,15 @@ mod tests {
     }
 
     #[test]
+    fn zeta_matches_the_exact_sum() {
+        for &(n, theta) in &[(100u64, 0.99), (50_000, 0.5), (2_000_000, 0.99), (2_000_000, 0.2)] {
+            let exact: f64 = (1..=n).map(|i| (i as f64).powf(-theta)).sum();
+            let z = zeta(n, theta);
+            assert!((z - exact).abs() <= 1e-9 * exact, "zeta({n}, {theta}) = {z}, exact {exact}");
+        }
+    }
+
+    #[test]
     fn fill_and_run_without_errors() {
         let mut mem = vec![0u64; 1 << 18];
         let mut kv = Kv::new(&mut mem, cfg()).unwrap();
