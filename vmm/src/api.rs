@@ -24,6 +24,13 @@ pub trait ApiTarget: Send + Sync {
     fn snapshot(&self, path: &Path) -> Result<Value, String>;
     /// Migrates the VM (`to`, `mode`, `key_file` in the request); returns the report.
     fn migrate(&self, req: &Value) -> Result<Value, String>;
+    /// Called after each reply is written: requests that end the VM
+    /// (shutdown, a completed migration) take effect here, so the client
+    /// always receives its reply before the VMM exits.
+    fn after_reply(&self) {}
+    /// Called when a request arrives and when its reply has been written,
+    /// so the VMM can let in-flight replies out before it exits.
+    fn in_flight(&self, _delta: i32) {}
 }
 
 /// Longest request line accepted.
@@ -171,8 +178,12 @@ fn serve(stream: UnixStream, target: &dyn ApiTarget) {
             }
             Ok(_) => {
                 reader.set_limit(MAX_REQUEST as u64);
+                target.in_flight(1);
                 let reply = handle(target, &line);
-                if writeln!(writer, "{reply}").is_err() {
+                let written = writeln!(writer, "{reply}").and_then(|_| writer.flush());
+                target.after_reply();
+                target.in_flight(-1);
+                if written.is_err() {
                     return;
                 }
             }

@@ -207,7 +207,7 @@ fn receive(listen: &str, key_file: &std::path::Path, serial: &str, api_sock: Opt
     };
     log::info!("receive: waiting for a migration on {listen}");
     loop {
-        let vmm::migration::Incoming { mut stream, peer, reader } = vmm::migration::accept(&listener, &key);
+        let vmm::migration::Incoming { mut stream, peer, mem, reader, .. } = vmm::migration::accept(&listener, &key);
         let cfg = VmConfig {
             mem_size: 0,
             vcpus: 1,
@@ -215,7 +215,7 @@ fn receive(listen: &str, key_file: &std::path::Path, serial: &str, api_sock: Opt
             disks: Vec::new(),
             serial: serial_out(serial),
         };
-        match Vm::create_incoming(cfg, reader) {
+        match Vm::create_incoming(cfg, mem, reader) {
             Ok(vm) => {
                 if let Err(e) = vmm::migration::confirm(&mut stream) {
                     // The source did not hear us: it keeps its VM; so must we not run ours.

@@ -1,32 +1,38 @@
-//! Live migration between two VMMs. So far: stop-and-copy.
+//! Live migration between two VMMs: stop-and-copy and pre-copy so far.
 //!
-//! Source: connect and authenticate (shared key, `migrate::wire`) *before*
-//! touching the VM, so a wrong address, a dead destination or a stranger
-//! leaves it running unchanged; then pause, stream the snapshot (state and
-//! memory, checksummed), and wait for the destination's acknowledgement,
-//! which it sends only after restoring everything. Until that byte arrives
-//! the source can resume; after it, the source VM ends ("migrated").
-//!
-//! Destination (`vmm receive`): accept connections until one authenticates
-//! and delivers a complete, valid stream; a stranger or a broken stream is
-//! logged and refused without creating a VM.
+//! The stream, after the authenticated handshake (shared key,
+//! `migrate::wire`), is: a `Config` frame (the VM's shape, so the
+//! destination can map its memory), zero or more `Pages` frames (pre-copy
+//! rounds, sent while the VM runs), a `Switchover` frame, then a snapshot
+//! stream (`snapshot.rs`: KVM and device state plus the pages not yet sent
+//! or dirtied since, checksummed). The source connects and authenticates
+//! *before* touching the VM, so a wrong address, a dead destination or a
+//! stranger leaves it running unchanged; after pausing it waits for the
+//! destination's acknowledgement, sent only once the VM is fully restored.
+//! Until that byte arrives the source resumes on any failure; after it, the
+//! source VM ends ("migrated"). The source side lives in `vm.rs`
+//! (`Shared::migrate`), which owns the VM; this module holds the transport
+//! and the destination side.
 
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use migrate::wire::{self, Channel, Key};
-use serde_json::{json, Value};
+use migrate::wire::{self, Channel, FrameReader, Key, Kind};
+use vm_memory::{Bytes, GuestAddress};
 
-use crate::snapshot::SnapshotReader;
+use crate::memory::{self, GuestMem};
+use crate::snapshot::{SnapshotConfig, SnapshotReader};
 
 /// Byte the destination sends once the VM is restored.
 const ACK: u8 = b'A';
 /// How long the source waits for the destination to restore.
 const ACK_TIMEOUT: Duration = Duration::from_secs(120);
+/// Pages per `Pages` frame (1 MiB of data).
+pub const PAGES_PER_FRAME: usize = 256;
 
-/// Migration modes (the four; stop-and-copy is implemented).
+/// Migration modes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     StopAndCopy,
@@ -69,14 +75,6 @@ pub fn load_key(path: &Path) -> Result<Key, String> {
     Ok(Key::derive(&bytes))
 }
 
-/// The source side of a stop-and-copy migration. `pause`/`resume` control
-/// the VM; `write_state` streams the snapshot.
-pub struct Source<'a> {
-    pub pause: &'a dyn Fn() -> Result<bool, String>,
-    pub resume: &'a dyn Fn(),
-    pub write_state: &'a dyn Fn(&mut dyn Write) -> Result<u64, String>,
-}
-
 fn resolve(to: &str) -> Result<SocketAddr, String> {
     to.to_socket_addrs()
         .map_err(|e| format!("bad destination `{to}`: {e}"))?
@@ -84,62 +82,39 @@ fn resolve(to: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("bad destination `{to}`: no address"))
 }
 
-/// Migrates to `to`. On success returns the report; the caller then ends
-/// the source VM. On failure the VM is running as before.
-pub fn send(to: &str, key: &Key, mode: Mode, src: Source) -> Result<Value, String> {
-    if mode != Mode::StopAndCopy {
-        return Err(format!("migration mode `{}` is not implemented yet; use stop-and-copy", mode.name()));
-    }
-    let t0 = Instant::now();
+/// Connects to a destination and authenticates.
+pub fn connect(to: &str, key: &Key) -> Result<TcpStream, String> {
     let addr = resolve(to)?;
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .map_err(|e| format!("cannot connect to the destination {addr}: {e}"))?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
     stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
     wire::connect_handshake(&mut stream, key, Channel::Main).map_err(|e| format!("destination {addr}: {e}"))?;
-
-    let was_running = (src.pause)()?;
-    let t_pause = Instant::now();
-    let result = (|| -> Result<(u64, u64), String> {
-        let mut counted = Counting { inner: BufWriter::with_capacity(1 << 20, &stream), bytes: 0 };
-        let pages = (src.write_state)(&mut counted)?;
-        counted.flush().map_err(|e| format!("sending to {addr}: {e}"))?;
-        let bytes = counted.bytes;
-        drop(counted);
-        stream.set_read_timeout(Some(ACK_TIMEOUT)).map_err(|e| e.to_string())?;
-        let mut ack = [0u8; 1];
-        (&stream).read_exact(&mut ack).map_err(|e| format!("the destination did not confirm the restore: {e}"))?;
-        if ack[0] != ACK {
-            return Err(format!("the destination answered {:#x} instead of confirming the restore", ack[0]));
-        }
-        Ok((pages, bytes))
-    })();
-    match result {
-        Ok((pages, bytes)) => {
-            let downtime = t_pause.elapsed();
-            Ok(json!({
-                "mode": mode.name(),
-                "to": addr.to_string(),
-                "downtime_ms": downtime.as_secs_f64() * 1000.0,
-                "execution_transfer_ms": downtime.as_secs_f64() * 1000.0,
-                "total_duration_ms": t0.elapsed().as_secs_f64() * 1000.0,
-                "bytes": {"stop_and_copy": bytes},
-                "pages_sent": pages,
-            }))
-        }
-        Err(e) => {
-            if was_running {
-                (src.resume)();
-            }
-            log::error!("migration to {addr} failed, the VM keeps running here: {e}");
-            Err(e)
-        }
-    }
+    Ok(stream)
 }
 
-struct Counting<W> {
-    inner: W,
-    bytes: u64,
+/// Waits for the destination's confirmation that the VM is restored.
+pub fn await_confirmation(stream: &TcpStream) -> Result<(), String> {
+    stream.set_read_timeout(Some(ACK_TIMEOUT)).map_err(|e| e.to_string())?;
+    let mut ack = [0u8; 1];
+    let mut s = stream;
+    s.read_exact(&mut ack).map_err(|e| format!("the destination did not confirm the restore: {e}"))?;
+    if ack[0] != ACK {
+        return Err(format!("the destination answered {:#x} instead of confirming the restore", ack[0]));
+    }
+    Ok(())
+}
+
+/// Tells the source the VM is restored: it may end its copy.
+pub fn confirm(stream: &mut TcpStream) -> std::io::Result<()> {
+    stream.write_all(&[ACK])?;
+    stream.flush()
+}
+
+/// Counts the bytes written through it.
+pub struct Counting<W> {
+    pub inner: W,
+    pub bytes: u64,
 }
 
 impl<W: Write> Write for Counting<W> {
@@ -153,20 +128,65 @@ impl<W: Write> Write for Counting<W> {
     }
 }
 
-/// An authenticated incoming migration, its state already read and checked.
+/// An authenticated incoming migration: memory pre-copied, state read and
+/// checked; the rest of memory follows in `reader`.
 pub struct Incoming {
     pub stream: TcpStream,
     pub peer: SocketAddr,
+    pub mem: GuestMem,
     pub reader: SnapshotReader,
+    pub precopied_pages: u64,
 }
 
-/// Tells the source the VM is restored: it may end its copy.
-pub fn confirm(stream: &mut TcpStream) -> std::io::Result<()> {
-    stream.write_all(&[ACK])?;
-    stream.flush()
+/// Receives the pre-switchover part of a migration stream.
+fn receive_stream(stream: &TcpStream, peer: SocketAddr) -> Result<Incoming, String> {
+    let mut br = BufReader::with_capacity(1 << 20, stream.try_clone().map_err(|e| e.to_string())?);
+    // Frames up to the switch-over; the snapshot stream follows in `br`.
+    let (config, mem, precopied) = {
+        let mut fr = FrameReader::new(&mut br);
+        let first = fr.expect().map_err(|e| e.to_string())?;
+        if first.kind != Kind::Config {
+            return Err(format!("expected the VM configuration, got a {:?} frame", first.kind));
+        }
+        let config: SnapshotConfig =
+            serde_json::from_slice(&first.payload).map_err(|e| format!("malformed VM configuration: {e}"))?;
+        memory::validate_size(config.mem_size).map_err(|e| e.to_string())?;
+        if config.vcpus == 0 || config.vcpus > crate::vm::MAX_VCPUS_LINUX {
+            return Err(format!("the incoming VM has {} vCPUs", config.vcpus));
+        }
+        let mem = memory::create(&crate::arch::ram_regions(config.mem_size)).map_err(|e| e.to_string())?;
+        let mut precopied = 0;
+        loop {
+            let f = fr.expect().map_err(|e| e.to_string())?;
+            match f.kind {
+                Kind::Pages => {
+                    for (gpa, page) in wire::page_records(&f.payload).map_err(|e| e.to_string())? {
+                        if gpa % 4096 != 0 {
+                            return Err(format!("page address {gpa:#x} is not aligned"));
+                        }
+                        mem.write_slice(page, GuestAddress(gpa))
+                            .map_err(|_| format!("page {gpa:#x} is outside the VM"))?;
+                        precopied += 1;
+                    }
+                }
+                Kind::Switchover => break,
+                Kind::Abort => return Err(format!("the source aborted: {}", String::from_utf8_lossy(&f.payload))),
+                other => return Err(format!("unexpected {other:?} frame before switch-over")),
+            }
+        }
+        (config, mem, precopied)
+    };
+    let reader = SnapshotReader::from_stream(Box::new(br), Path::new(&format!("migration stream from {peer}")))
+        .map_err(|e| e.to_string())?;
+    if reader.snapshot.config != config {
+        return Err("the VM state does not match the announced configuration".into());
+    }
+    let stream = stream.try_clone().map_err(|e| e.to_string())?;
+    Ok(Incoming { stream, peer, mem, reader, precopied_pages: precopied })
 }
 
-/// Waits for a connection that authenticates and starts a valid stream.
+/// Waits for a connection that authenticates and delivers a valid stream up
+/// to the VM state. Strangers and broken streams are logged and refused.
 pub fn accept(listener: &TcpListener, key: &Key) -> Incoming {
     loop {
         let (mut stream, peer) = match listener.accept() {
@@ -178,27 +198,22 @@ pub fn accept(listener: &TcpListener, key: &Key) -> Incoming {
             }
         };
         let _ = stream.set_nodelay(true);
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
         if let Err(e) = wire::accept_handshake(&mut stream, key, Channel::Main) {
             log::warn!("receive: refused connection from {peer}: {e}");
             continue;
         }
-        let reader = match stream.try_clone() {
-            Ok(s) => SnapshotReader::from_stream(
-                Box::new(BufReader::with_capacity(1 << 20, s)),
-                Path::new(&format!("migration stream from {peer}")),
-            ),
-            Err(e) => {
-                log::warn!("receive: {e}");
-                continue;
+        log::info!("receive: authenticated migration from {peer}");
+        match receive_stream(&stream, peer) {
+            Ok(inc) => {
+                log::info!(
+                    "receive: {}-vCPU VM from {peer}, {} pages pre-copied",
+                    inc.reader.snapshot.config.vcpus,
+                    inc.precopied_pages
+                );
+                return inc;
             }
-        };
-        match reader {
-            Ok(reader) => {
-                log::info!("receive: incoming {}-vCPU VM from {peer}", reader.snapshot.config.vcpus);
-                return Incoming { stream, peer, reader };
-            }
-            Err(e) => log::warn!("receive: refused the stream from {peer}: {e}"),
+            Err(e) => log::error!("receive: refused the migration from {peer}: {e}"),
         }
     }
 }

@@ -232,7 +232,7 @@ pub fn write(path: &Path, snap: &Snapshot, mem: &GuestMem) -> Result<u64, Snapsh
     let io_err = |source| SnapshotError::Io { path: path.to_owned(), source };
     let res = (|| -> io::Result<u64> {
         let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
-        let stored = write_stream(&mut w, snap, mem)?;
+        let stored = write_stream(&mut w, snap, mem, &mut |_, _, page| page.iter().any(|&b| b != 0))?;
         w.flush()?;
         w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         Ok(stored)
@@ -249,9 +249,19 @@ pub fn write(path: &Path, snap: &Snapshot, mem: &GuestMem) -> Result<u64, Snapsh
     }
 }
 
+/// Which pages a snapshot stream carries: `(region index, page index, page
+/// content) -> include`. A file keeps the non-zero pages; the last step of a
+/// pre-copy migration sends only the pages dirtied since its last round.
+pub type PageFilter<'a> = dyn FnMut(usize, usize, &[u8]) -> bool + 'a;
+
 /// Writes a snapshot to any stream (a file, a migration connection);
 /// returns the number of pages stored.
-pub fn write_stream<W: Write + ?Sized>(w: &mut W, snap: &Snapshot, mem: &GuestMem) -> io::Result<u64> {
+pub fn write_stream<W: Write + ?Sized>(
+    w: &mut W,
+    snap: &Snapshot,
+    mem: &GuestMem,
+    include: &mut PageFilter,
+) -> io::Result<u64> {
     {
         let state = serde_json::to_vec(snap).map_err(io::Error::other)?;
         w.write_all(MAGIC)?;
@@ -260,19 +270,19 @@ pub fn write_stream<W: Write + ?Sized>(w: &mut W, snap: &Snapshot, mem: &GuestMe
         w.write_all(&state)?;
         w.write_all(blake3::hash(&state).as_bytes())?;
         let mut stored = 0u64;
-        for region in mem.iter() {
+        for (ri, region) in mem.iter().enumerate() {
             let len = region.len() as usize;
             let pages = len / PAGE;
             let base = region.start_addr();
             let mut h = Hashing { inner: &mut *w, hash: blake3::Hasher::new() };
             h.write_all(&base.raw_value().to_le_bytes())?;
             h.write_all(&(len as u64).to_le_bytes())?;
-            // Bitmap of non-zero pages, then those pages, a chunk at a time.
+            // Bitmap of the included pages, then those pages.
             let mut bitmap = vec![0u8; pages.div_ceil(8)];
             let mut page = vec![0u8; PAGE];
             for p in 0..pages {
                 mem.read_slice(&mut page, base.unchecked_add((p * PAGE) as u64)).map_err(io::Error::other)?;
-                if page.iter().any(|&b| b != 0) {
+                if include(ri, p, &page) {
                     bitmap[p / 8] |= 1 << (p % 8);
                 }
             }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_mp_state, kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde_json::{json, Value};
+use vm_memory::{Address, GuestAddress, GuestMemoryRegion};
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -22,10 +23,18 @@ use crate::control::{Control, ExitReason};
 use crate::devices::legacy::{self, ExitPort, IrqfdTrigger, ParkPort, SerialDevice, SerialSink, I8042};
 use crate::devices::virtio::VirtioBlockHandle;
 use crate::memory::{self, GuestMem};
+use crate::migration::Mode;
 use crate::snapshot::{DevicesState, MmioSnapshot, SerialSnapshot, Snapshot, SnapshotConfig, SnapshotReader};
 use crate::testbed;
 use crate::vcpu::{self, VcpuContext, VcpuStates, VcpuThread};
 use crate::vstate::VmState;
+
+/// Pre-copy stops iterating once the pages left would take less than this to send.
+const PRECOPY_DOWNTIME_MS: f64 = 300.0;
+/// ... or after this many rounds ...
+const PRECOPY_MAX_ROUNDS: u32 = 30;
+/// ... or after this long.
+const PRECOPY_MAX_TIME: Duration = Duration::from_secs(300);
 
 /// Most vCPUs a Linux guest may have (MP table APIC IDs are 8-bit).
 pub const MAX_VCPUS_LINUX: u32 = 254;
@@ -105,6 +114,10 @@ pub struct Shared {
     pub testbed: Option<WorkloadSpec>,
     pub started: Instant,
     pub blocks: Vec<VirtioBlockHandle>,
+    /// How the VM ends once the current API reply is written.
+    pub exit_after_reply: Mutex<Option<ExitReason>>,
+    /// API requests being handled.
+    pub api_in_flight: std::sync::atomic::AtomicI32,
 }
 
 impl Shared {
@@ -138,31 +151,188 @@ impl Shared {
         self.with_snapshot(&mut |snap| crate::snapshot::write(path, snap, &self.mem).map_err(|e| e.to_string()))
     }
 
-    /// Migrates the VM to another VMM; on success the VM here ends.
-    pub fn migrate(&self, to: &str, key: &migrate::wire::Key, mode: crate::migration::Mode) -> Result<Value, String> {
-        let pause = || -> Result<bool, String> {
-            if self.control.is_paused() {
-                return Ok(false);
+    /// Migrates the VM to another VMM; on success the VM here ends and the
+    /// report is returned. On failure the VM keeps running here.
+    pub fn migrate(&self, to: &str, key: &migrate::wire::Key, mode: Mode) -> Result<Value, String> {
+        if !matches!(mode, Mode::StopAndCopy | Mode::Precopy) {
+            return Err(format!(
+                "migration mode `{}` is not implemented yet; use stop-and-copy or precopy",
+                mode.name()
+            ));
+        }
+        let t0 = Instant::now();
+        let stream = crate::migration::connect(to, key)?;
+        let mut paused_here = false;
+        let mut logging = false;
+        let result = self.migrate_over(&stream, mode, t0, &mut paused_here, &mut logging);
+        if logging {
+            if let Err(e) = memory::register_slots(&self.fd, &self.mem, false) {
+                log::warn!("cannot turn dirty logging off: {e}");
             }
+        }
+        match result {
+            Ok(report) => {
+                log::info!("migrated to {to}: {report}");
+                // The VM stays paused here; it ends once the reply is out.
+                *self.exit_after_reply.lock().unwrap_or_else(|e| e.into_inner()) = Some(ExitReason::Migrated);
+                Ok(report)
+            }
+            Err(e) => {
+                if paused_here {
+                    self.control.resume();
+                }
+                log::error!("migration to {to} failed; the VM keeps running here: {e}");
+                Err(e)
+            }
+        }
+    }
+
+    /// Pages the guest (KVM dirty log) or a device (vm-memory bitmap) wrote
+    /// since the last call, one bitmap per region.
+    fn take_dirty(&self) -> Result<Vec<Vec<u64>>, String> {
+        use vm_memory::GuestMemoryBackend;
+        let mut out = Vec::new();
+        for (slot, region) in self.mem.iter().enumerate() {
+            let mut kvm = self
+                .fd
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}"))?;
+            // The mapping's own bitmap (the region trait only exposes a slice view).
+            let dev = std::ops::Deref::deref(region).bitmap().get_and_reset();
+            for (k, d) in kvm.iter_mut().zip(dev.iter()) {
+                *k |= *d;
+            }
+            out.push(kvm);
+        }
+        Ok(out)
+    }
+
+    fn migrate_over(
+        &self,
+        stream: &std::net::TcpStream,
+        mode: Mode,
+        t0: Instant,
+        paused_here: &mut bool,
+        logging: &mut bool,
+    ) -> Result<Value, String> {
+        use migrate::wire::{FrameWriter, Kind};
+        use vm_memory::{Bytes, GuestMemoryBackend};
+        let io = |e: migrate::wire::WireError| format!("sending: {e}");
+        let mut fw = FrameWriter::new(std::io::BufWriter::with_capacity(1 << 20, stream));
+        fw.send(Kind::Config, &serde_json::to_vec(&self.config).map_err(|e| e.to_string())?).map_err(io)?;
+        let mut rounds = Vec::new();
+        let mut dirty: Option<Vec<Vec<u64>>> = None;
+        if mode == Mode::Precopy {
+            memory::register_slots(&self.fd, &self.mem, true).map_err(|e| e.to_string())?;
+            *logging = true;
+            self.take_dirty()?; // start from a clean log
+            let regions: Vec<(u64, usize)> =
+                self.mem.iter().map(|r| (r.start_addr().raw_value(), r.len() as usize)).collect();
+            let mut page = vec![0u8; 4096];
+            let mut batch: Vec<u8> = Vec::with_capacity(crate::migration::PAGES_PER_FRAME * migrate::wire::PAGE_RECORD);
+            for round in 0.. {
+                if let Some(r) = self.control.exit_reason() {
+                    return Err(format!("the VM ended during the migration ({r:?})"));
+                }
+                let t = Instant::now();
+                let before = fw.bytes;
+                let mut sent = 0u64;
+                for (ri, &(base, len)) in regions.iter().enumerate() {
+                    for p in 0..len / 4096 {
+                        let wanted = match &dirty {
+                            None => true, // round 0: every page that is not zero
+                            Some(d) => d[ri][p / 64] & (1 << (p % 64)) != 0,
+                        };
+                        if !wanted {
+                            continue;
+                        }
+                        let gpa = base + (p * 4096) as u64;
+                        self.mem.read_slice(&mut page, GuestAddress(gpa)).map_err(|e| e.to_string())?;
+                        if dirty.is_none() && page.iter().all(|&b| b == 0) {
+                            continue;
+                        }
+                        batch.extend_from_slice(&gpa.to_le_bytes());
+                        batch.extend_from_slice(&page);
+                        sent += 1;
+                        if batch.len() >= crate::migration::PAGES_PER_FRAME * migrate::wire::PAGE_RECORD {
+                            fw.send(Kind::Pages, &batch).map_err(io)?;
+                            batch.clear();
+                        }
+                    }
+                }
+                if !batch.is_empty() {
+                    fw.send(Kind::Pages, &batch).map_err(io)?;
+                    batch.clear();
+                }
+                fw.flush().map_err(io)?;
+                let secs = t.elapsed().as_secs_f64().max(1e-6);
+                let bytes = fw.bytes - before;
+                let d = self.take_dirty()?;
+                let dirty_pages: u64 = d.iter().flatten().map(|w| w.count_ones() as u64).sum();
+                let rate = bytes as f64 / secs;
+                let expected_ms = dirty_pages as f64 * 4096.0 / rate.max(1.0) * 1000.0;
+                rounds.push(json!({
+                    "round": round, "pages": sent, "bytes": bytes, "ms": secs * 1000.0,
+                    "dirty_after": dirty_pages, "expected_downtime_ms": expected_ms,
+                }));
+                log::info!("pre-copy round {round}: {sent} pages in {:.0} ms, {dirty_pages} dirty", secs * 1000.0);
+                dirty = Some(d);
+                if expected_ms < PRECOPY_DOWNTIME_MS
+                    || round + 1 >= PRECOPY_MAX_ROUNDS
+                    || t0.elapsed() > PRECOPY_MAX_TIME
+                {
+                    break;
+                }
+            }
+        }
+        let precopy_bytes = fw.bytes;
+
+        // Switch over: pause, send state and the remaining pages.
+        if let Some(r) = self.control.exit_reason() {
+            return Err(format!("the VM ended during the migration ({r:?})"));
+        }
+        if !self.control.is_paused() {
             self.pause()?;
-            Ok(true)
+            *paused_here = true;
+        }
+        let t_pause = Instant::now();
+        fw.send(Kind::Switchover, &[]).map_err(io)?;
+        let mut last = match dirty {
+            Some(mut d) => {
+                for (a, b) in d.iter_mut().zip(self.take_dirty()?) {
+                    for (x, y) in a.iter_mut().zip(b) {
+                        *x |= y;
+                    }
+                }
+                Some(d)
+            }
+            None => None,
         };
-        let resume = || self.control.resume();
-        let write_state = |w: &mut dyn Write| -> Result<u64, String> {
-            self.with_snapshot(&mut |snap| {
-                crate::snapshot::write_stream(w, snap, &self.mem).map_err(|e| format!("sending the VM: {e}"))
-            })
-        };
-        let report = crate::migration::send(
-            to,
-            key,
-            mode,
-            crate::migration::Source { pause: &pause, resume: &resume, write_state: &write_state },
-        )?;
-        log::info!("migrated to {to}: {report}");
-        self.control.request_exit(ExitReason::Migrated);
-        self.kick_all();
-        Ok(report)
+        let mut counting = crate::migration::Counting { inner: fw.get_mut(), bytes: 0 };
+        let final_pages = self.with_snapshot(&mut |snap| {
+            let mut include = |ri: usize, p: usize, data: &[u8]| match &mut last {
+                Some(d) => d[ri][p / 64] & (1 << (p % 64)) != 0,
+                None => data.iter().any(|&b| b != 0),
+            };
+            crate::snapshot::write_stream(&mut counting, snap, &self.mem, &mut include)
+                .map_err(|e| format!("sending the VM state: {e}"))
+        })?;
+        let final_bytes = counting.bytes;
+        fw.flush().map_err(io)?;
+        crate::migration::await_confirmation(stream)?;
+        let downtime = t_pause.elapsed().as_secs_f64() * 1000.0;
+        let total = t0.elapsed().as_secs_f64() * 1000.0;
+        let execution_transfer = if mode == Mode::Precopy { total } else { downtime };
+        Ok(json!({
+            "mode": mode.name(),
+            "to": stream.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+            "downtime_ms": downtime,
+            "execution_transfer_ms": execution_transfer,
+            "total_duration_ms": total,
+            "bytes": {"precopy": precopy_bytes, "stop_and_copy": final_bytes},
+            "pages_at_switchover": final_pages,
+            "rounds": rounds,
+        }))
     }
 
     /// Builds the snapshot of the paused VM and hands it to `f`.
@@ -239,15 +409,23 @@ impl ApiTarget for Shared {
         Ok(())
     }
     fn shutdown(&self) {
-        self.control.request_exit(ExitReason::Shutdown);
-        self.kick_all();
+        *self.exit_after_reply.lock().unwrap_or_else(|e| e.into_inner()) = Some(ExitReason::Shutdown);
+    }
+    fn in_flight(&self, delta: i32) {
+        self.api_in_flight.fetch_add(delta, Ordering::SeqCst);
+    }
+    fn after_reply(&self) {
+        if let Some(reason) = self.exit_after_reply.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            self.control.request_exit(reason);
+            self.kick_all();
+        }
     }
     fn snapshot(&self, path: &std::path::Path) -> Result<Value, String> {
         Shared::snapshot(self, path)
     }
     fn migrate(&self, req: &Value) -> Result<Value, String> {
         let to = req.get("to").and_then(Value::as_str).ok_or("migrate needs \"to\": \"HOST:PORT\"")?;
-        let mode = crate::migration::Mode::parse(req.get("mode").and_then(Value::as_str).unwrap_or("enlightened"))?;
+        let mode = Mode::parse(req.get("mode").and_then(Value::as_str).unwrap_or("enlightened"))?;
         let key_file = req.get("key_file").and_then(Value::as_str).ok_or("migrate needs \"key_file\"")?;
         let key = crate::migration::load_key(std::path::Path::new(key_file))?;
         Shared::migrate(self, to, &key, mode)
@@ -292,16 +470,20 @@ pub struct Vm {
 
 impl Vm {
     pub fn create(cfg: VmConfig) -> Result<Self, VmError> {
-        Self::create_from(cfg, None)
+        Self::create_from(cfg, None, None)
     }
 
     /// Creates a VM from an incoming migration stream (already verified up
     /// to its state section; memory is read and checked here).
-    pub fn create_incoming(cfg: VmConfig, reader: SnapshotReader) -> Result<Self, VmError> {
-        Self::create_from(cfg, Some(reader))
+    pub fn create_incoming(cfg: VmConfig, mem: GuestMem, reader: SnapshotReader) -> Result<Self, VmError> {
+        Self::create_from(cfg, Some(reader), Some(mem))
     }
 
-    fn create_from(mut cfg: VmConfig, incoming: Option<SnapshotReader>) -> Result<Self, VmError> {
+    fn create_from(
+        mut cfg: VmConfig,
+        incoming: Option<SnapshotReader>,
+        premade_mem: Option<GuestMem>,
+    ) -> Result<Self, VmError> {
         // A restore takes the VM's shape from the snapshot.
         let opened = match (&cfg.boot, incoming) {
             (_, Some(r)) => Some(r),
@@ -357,7 +539,10 @@ impl Vm {
         fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
         let ranges = crate::arch::ram_regions(cfg.mem_size);
-        let mem = Arc::new(memory::create(&ranges)?);
+        let mem = Arc::new(match premade_mem {
+            Some(m) => m,
+            None => memory::create(&ranges)?,
+        });
         memory::register_slots(&fd, &mem, false)?;
 
         // Legacy devices.
@@ -476,6 +661,8 @@ impl Vm {
             testbed: testbed_spec,
             started: Instant::now(),
             blocks,
+            exit_after_reply: Mutex::new(None),
+            api_in_flight: std::sync::atomic::AtomicI32::new(0),
         });
         Ok(Self { _kvm: kvm, _fd: fd, vcpu_fds, pio: Arc::new(pio), mmio: Arc::new(mmio), shared, serial_line_start })
     }
@@ -517,6 +704,11 @@ impl Vm {
             }
         }
         let elapsed = started.elapsed();
+        // Let API requests in progress (a migration the VM ended under) reply.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.shared.api_in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let (device_errors, last_device_error) = self.shared.device_errors();
         let mut report = None;
         let mut workload_errors = 0;

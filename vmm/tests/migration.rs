@@ -45,8 +45,12 @@ fn wait_for_run_phase(sock: &Path) -> u64 {
 }
 
 fn migrate(sock: &Path, to: &str, key: &Path) -> (bool, serde_json::Value, String) {
+    migrate_mode(sock, to, key, "stop-and-copy")
+}
+
+fn migrate_mode(sock: &Path, to: &str, key: &Path, mode: &str) -> (bool, serde_json::Value, String) {
     let out = Command::new(vmm_bin())
-        .args(["migrate", "--api-sock", path_str(sock), "--to", to, "--mode", "stop-and-copy"])
+        .args(["migrate", "--api-sock", path_str(sock), "--to", to, "--mode", mode])
         .args(["--key-file", path_str(key)])
         .output()
         .unwrap();
@@ -144,4 +148,60 @@ fn dead_destination_leaves_the_source_running() {
     let o = wait_output(src, T);
     assert_eq!(o.code, Some(0), "{o}");
     assert_eq!(o.json()["errors"], 0, "{o}");
+}
+
+/// Pre-copy of guests that keep writing: every dirtied page must be resent,
+/// or the destination's verification (page stamps, value checksums) fails.
+/// The guests run until shut down, so no workload timer races the rounds.
+fn precopy(spec: &str, port: u16) {
+    let pair = NetnsPair::create(Some(1_000_000_000)).unwrap();
+    let d = TempDir::new("mig-pre");
+    let key = d.path("key");
+    std::fs::write(&key, b"0123456789abcdef-test-migration-key").unwrap();
+    let sock = d.path("src.sock");
+    let dst_sock = d.path("dst.sock");
+    let to = format!("{DST_IP}:{port}");
+    let dst = spawn_in(
+        &pair,
+        Side::Dst,
+        &["receive", "--listen", &to, "--key-file", path_str(&key), "--api-sock", path_str(&dst_sock)],
+    );
+    let src = spawn_in(
+        &pair,
+        Side::Src,
+        &["run", "--testbed", spec, "--mem", "256M", "--vcpus", "2", "--api-sock", path_str(&sock)],
+    );
+    wait_for_run_phase(&sock);
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, report, err) = migrate_mode(&sock, &to, &key, "precopy");
+    assert!(ok, "{report} {err}");
+    assert_eq!(report["mode"], "precopy");
+    assert!(!report["rounds"].as_array().unwrap().is_empty(), "{report}");
+    assert!(report["bytes"]["precopy"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["downtime_ms"].as_f64().unwrap() < report["total_duration_ms"].as_f64().unwrap(), "{report}");
+    let so = wait_output(src, T);
+    assert_eq!(so.code, Some(0), "{so}");
+    assert_eq!(so.json()["exit"], "migrated", "{so}");
+    let migrated_at = so.json()["ops"].as_u64().unwrap();
+    // The destination runs on, without errors, from where the source stopped.
+    let ops = wait_for_run_phase(&dst_sock);
+    std::thread::sleep(Duration::from_millis(1500));
+    let st = api(&dst_sock, "status");
+    assert_eq!(st["workload"]["errors"], 0, "{st}");
+    assert!(st["workload"]["ops"].as_u64().unwrap() > ops.max(migrated_at), "{st}");
+    assert_eq!(api(&dst_sock, "shutdown")["ok"], true);
+    let d_out = wait_output(dst, T);
+    assert_eq!(d_out.code, Some(0), "{d_out}");
+    assert_eq!(d_out.json()["errors"], 0, "pages were lost or stale after pre-copy\n{report}\n{d_out}");
+    eprintln!("pre-copy report: {report}");
+}
+
+#[test]
+fn precopy_of_a_page_dirtying_guest() {
+    precopy("mem,wss=64M,rate=20000", 7003);
+}
+
+#[test]
+fn precopy_of_a_kv_guest() {
+    precopy("kv,share=20,value=512", 7004);
 }
