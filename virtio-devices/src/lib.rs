@@ -1,4 +1,5 @@
-//! virtio-mmio transport (version 2, "modern") and virtio devices (block).
+//! virtio-mmio transport (version 2, "modern") and virtio devices (block,
+//! and the enlightenment device of `bitmap-abi`, see [`enlighten`]).
 //!
 //! A [`MmioTransport`] owns a [`VirtioDevice`], its queues, the guest memory
 //! and the device's [`Interrupt`], and implements the register interface the
@@ -43,9 +44,11 @@
 //! ```
 
 pub mod block;
+pub mod enlighten;
 pub mod mmio;
 
 pub use block::{Block, BlockCounters};
+pub use enlighten::{Enlighten, EnlightenCounters, EnlightenError, EnlightenHandle, EnlightenState, Phase, Ready};
 pub use mmio::{MmioState, MmioTransport};
 
 use std::io;
