@@ -8,7 +8,7 @@
 //! ```text
 //! 0x0500  GDT (null, null, __BOOT_CS 0x10, __BOOT_DS 0x18)   0x0520  empty IDT
 //! 0x7000  boot_params (zero page)                             0x8ff0  boot stack top
-//! 0x10000 identity page tables (2 MiB pages, 0..4 GiB+)       0x20000 command line
+//! 0x10000 identity page tables (2 MiB pages, up to 0x62000)   0x70000 command line (4 KiB)
 //! 0x9fc00 MP floating pointer; [0x9fc00, 1 MiB) reserved      0xf0000 MP configuration table
 //! 0x100000 bzImage protected-mode kernel (ELF vmlinux: its own physical addresses)
 //! initramfs: as high as the kernel allows below the 32-bit MMIO hole
@@ -41,7 +41,13 @@ pub const GDT_START: u64 = 0x500;
 pub const IDT_START: u64 = 0x520;
 pub const ZERO_PAGE_START: u64 = 0x7000;
 pub const BOOT_STACK: u64 = 0x8ff0;
-pub const CMDLINE_START: u64 = 0x20000;
+/// Above the largest identity map (PML4, PDPT and MAX_PAGE_DIRECTORIES
+/// directories from PAGE_TABLES_GPA) and below the EBDA.
+pub const CMDLINE_START: u64 = 0x70000;
+const _: () = assert!(
+    CMDLINE_START >= PAGE_TABLES_GPA + (2 + testbed_abi::MAX_PAGE_DIRECTORIES) * 0x1000
+        && CMDLINE_START + DEFAULT_CMDLINE_MAX as u64 <= mptable::MPTABLE_START
+);
 /// Where a bzImage's protected-mode kernel is loaded.
 pub const HIMEM_START: u64 = 0x100000;
 /// Start of the EBDA; [EBDA, 1 MiB) is reserved in the e820 map.
@@ -417,6 +423,18 @@ pub(crate) mod tests {
         m.read_slice(&mut fp, GuestAddress(mptable::MPTABLE_START)).unwrap();
         assert_eq!(&fp, b"_MP_");
         let _ = (std::fs::remove_file(kp), std::fs::remove_file(ip));
+    }
+
+    #[test]
+    fn large_guests_keep_their_command_line() {
+        // 20 GiB of (unbacked, NORESERVE) RAM needs 21 page directories.
+        let m = mem(20 << 30);
+        let (kp, mut k) = temp_file("bz-large", &bzimage(&[0xf4]));
+        load(&m, &mut k, None, "console=ttyS0 root=/dev/vda", 1, &[]).unwrap();
+        let mut cl = [0u8; 27];
+        m.read_slice(&mut cl, GuestAddress(CMDLINE_START)).unwrap();
+        assert_eq!(&cl, b"console=ttyS0 root=/dev/vda");
+        let _ = std::fs::remove_file(kp);
     }
 
     #[test]
