@@ -87,99 +87,13 @@ impl From<&SerialSnapshot> for vm_superio::SerialState {
     }
 }
 
-/// virtio-queue's queue state, mirrored for serde.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct QueueSnapshot {
-    pub max_size: u16,
-    pub next_avail: u16,
-    pub next_used: u16,
-    pub event_idx_enabled: bool,
-    pub size: u16,
-    pub ready: bool,
-    pub desc_table: u64,
-    pub avail_ring: u64,
-    pub used_ring: u64,
-}
-
-/// A virtio-mmio transport's state.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct MmioSnapshot {
-    pub status: u32,
-    pub device_features_sel: u32,
-    pub driver_features_sel: u32,
-    pub driver_features: u64,
-    pub queue_sel: u32,
-    pub interrupt_status: u32,
-    pub config_generation: u32,
-    pub needs_reset: bool,
-    pub queues: Vec<QueueSnapshot>,
-}
-
-impl From<&virtio_devices::MmioState> for MmioSnapshot {
-    fn from(s: &virtio_devices::MmioState) -> Self {
-        Self {
-            status: s.status,
-            device_features_sel: s.device_features_sel,
-            driver_features_sel: s.driver_features_sel,
-            driver_features: s.driver_features,
-            queue_sel: s.queue_sel,
-            interrupt_status: s.interrupt_status,
-            config_generation: s.config_generation,
-            needs_reset: s.needs_reset,
-            queues: s
-                .queues
-                .iter()
-                .map(|q| QueueSnapshot {
-                    max_size: q.max_size,
-                    next_avail: q.next_avail,
-                    next_used: q.next_used,
-                    event_idx_enabled: q.event_idx_enabled,
-                    size: q.size,
-                    ready: q.ready,
-                    desc_table: q.desc_table,
-                    avail_ring: q.avail_ring,
-                    used_ring: q.used_ring,
-                })
-                .collect(),
-        }
-    }
-}
-
-impl From<&MmioSnapshot> for virtio_devices::MmioState {
-    fn from(s: &MmioSnapshot) -> Self {
-        Self {
-            status: s.status,
-            device_features_sel: s.device_features_sel,
-            driver_features_sel: s.driver_features_sel,
-            driver_features: s.driver_features,
-            queue_sel: s.queue_sel,
-            interrupt_status: s.interrupt_status,
-            config_generation: s.config_generation,
-            needs_reset: s.needs_reset,
-            queues: s
-                .queues
-                .iter()
-                .map(|q| virtio_queue::QueueState {
-                    max_size: q.max_size,
-                    next_avail: q.next_avail,
-                    next_used: q.next_used,
-                    event_idx_enabled: q.event_idx_enabled,
-                    size: q.size,
-                    ready: q.ready,
-                    desc_table: q.desc_table,
-                    avail_ring: q.avail_ring,
-                    used_ring: q.used_ring,
-                })
-                .collect(),
-        }
-    }
-}
-
 /// Device state.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DevicesState {
     pub serial: SerialSnapshot,
-    pub blocks: Vec<MmioSnapshot>,
+    /// Each virtio-blk transport's state, in `virtio_devices::MmioState`'s
+    /// own versioned encoding.
+    pub blocks: Vec<Vec<u8>>,
 }
 
 /// Everything but guest memory.

@@ -24,7 +24,7 @@ use crate::devices::legacy::{self, ExitPort, IrqfdTrigger, ParkPort, SerialDevic
 use crate::devices::virtio::VirtioBlockHandle;
 use crate::memory::{self, GuestMem};
 use crate::migration::Mode;
-use crate::snapshot::{DevicesState, MmioSnapshot, SerialSnapshot, Snapshot, SnapshotConfig, SnapshotReader};
+use crate::snapshot::{DevicesState, SerialSnapshot, Snapshot, SnapshotConfig, SnapshotReader};
 use crate::testbed;
 use crate::vcpu::{self, VcpuContext, VcpuStates, VcpuThread};
 use crate::vstate::VmState;
@@ -349,7 +349,7 @@ impl Shared {
         let vm = VmState::capture(&self.fd).map_err(|e| e.to_string());
         let devices = DevicesState {
             serial: SerialSnapshot::from(&self.serial.lock().unwrap_or_else(|e| e.into_inner()).0.state()),
-            blocks: self.blocks.iter().map(|b| MmioSnapshot::from(&b.state())).collect(),
+            blocks: self.blocks.iter().map(|b| b.state().encode()).collect(),
         };
         let result = vm.and_then(|vm| {
             let snap = Snapshot { config: self.config.clone(), vm, vcpus, devices };
@@ -605,7 +605,8 @@ impl Vm {
             _ if restore.is_some() => {
                 let r = restore.expect("checked");
                 for (b, st) in blocks.iter().zip(&r.snapshot.devices.blocks) {
-                    b.restore(&st.into()).map_err(VmError::Restore)?;
+                    let state = virtio_devices::MmioState::decode(st).map_err(VmError::Restore)?;
+                    b.restore(&state).map_err(VmError::Restore)?;
                 }
                 if r.snapshot.devices.blocks.len() != blocks.len() {
                     return Err(VmError::Restore("the snapshot's disks do not match".into()));

@@ -4,43 +4,17 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command};
+use std::time::Duration;
 
-use common::{path_str, vmm, vmm_bin, wait_output, TempDir};
+use common::{api, path_str, spawn_piped, vmm, vmm_bin, wait_for_run_phase, wait_output, TempDir};
 
 const T: Duration = Duration::from_secs(120);
 
 fn spawn(args: &[&str]) -> Child {
-    Command::new(vmm_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-fn api(sock: &Path, cmd: &str) -> serde_json::Value {
-    let out = Command::new(vmm_bin()).args(["api", "--api-sock", path_str(sock), cmd]).output().unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("api {cmd}: {e}: {out:?}"))
-}
-
-fn wait_for_run_phase(sock: &Path) -> u64 {
-    let start = Instant::now();
-    while !sock.exists() {
-        assert!(start.elapsed() < Duration::from_secs(20), "API socket never appeared");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    loop {
-        let st = api(sock, "status");
-        if st["workload"]["phase"] == "run" && st["workload"]["ops"].as_u64().unwrap_or(0) > 0 {
-            return st["workload"]["ops"].as_u64().unwrap();
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "never reached the run phase: {st}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut c = Command::new(vmm_bin());
+    c.args(args);
+    spawn_piped(c)
 }
 
 /// Runs `spec` with an API socket, snapshots it after a second of run phase,

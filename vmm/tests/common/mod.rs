@@ -99,3 +99,31 @@ impl Drop for TempDir {
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// Queries a VMM's API socket.
+pub fn api(sock: &Path, cmd: &str) -> serde_json::Value {
+    let out = Command::new(vmm_bin()).args(["api", "--api-sock", path_str(sock), cmd]).output().unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("api {cmd}: {e}: {out:?}"))
+}
+
+/// Waits for the API socket, then for the testbed's run phase; returns ops.
+pub fn wait_for_run_phase(sock: &Path) -> u64 {
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(30), "API socket never appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    loop {
+        let st = api(sock, "status");
+        if st["workload"]["phase"] == "run" && st["workload"]["ops"].as_u64().unwrap_or(0) > 0 {
+            return st["workload"]["ops"].as_u64().unwrap();
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "never reached the run phase: {st}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts a command with piped output.
+pub fn spawn_piped(mut cmd: Command) -> Child {
+    cmd.env("RUST_LOG", "info").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+}
