@@ -32,7 +32,7 @@ fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest_dir.parent().unwrap().to_path_buf();
     let guest = root.join("testbed-guest");
-    for dep in ["testbed-guest", "testbed-abi", "testbed-workloads"] {
+    for dep in ["testbed-guest", "testbed-abi", "testbed-workloads", "bitmap-abi"] {
         watch(&root.join(dep));
     }
 

@@ -140,6 +140,12 @@ extern "C" {
     static __image_end: u8;
 }
 
+/// The first byte past the loaded image (page aligned, after .bss).
+pub fn image_end() -> u64 {
+    // Taking the address of a linker-defined symbol reads nothing.
+    core::ptr::addr_of!(__image_end) as u64
+}
+
 /// Entered at CPL3 from the stub above with the multiboot info pointer.
 #[no_mangle]
 pub extern "C" fn _start_multiboot(mbi: u64) -> ! {
@@ -168,8 +174,7 @@ pub extern "C" fn _start_multiboot(mbi: u64) -> ! {
     let _ = bi.set_cmdline(spec);
     // The multiboot info and command line sit right after the image: start
     // the heap well past them.
-    // Taking the address of a linker-defined symbol reads nothing.
-    let end = core::ptr::addr_of!(__image_end) as u64;
+    let end = image_end();
     bi.heap_start = (end + 0x10_0000).next_multiple_of(2 << 20);
     let mut page = [0u8; BootInfo::ENCODED_LEN];
     bi.encode(&mut page);

@@ -5,6 +5,7 @@ use testbed_workloads::disk::{parse_header, sector_pattern, write_pattern, SECTO
 use testbed_workloads::rng::Rng;
 use testbed_workloads::Batch;
 
+use crate::enlighten::{Class, Enlighten};
 use crate::hw::rdtsc;
 use crate::println;
 use crate::virtio::STATUS_NEEDS_RESET;
@@ -45,12 +46,15 @@ impl Progress {
         Self { start, tps, next_beat: start + tps / 100, next_print: start + tps }
     }
 
-    fn tick(&mut self, b: &Batch) {
+    fn tick(&mut self, b: &Batch, enl: &mut Option<Enlighten>) {
         let now = rdtsc();
         if now < self.next_beat {
             return;
         }
         crate::heartbeat(b.ops, b.errors);
+        if let Some(e) = enl {
+            e.poll();
+        }
         self.next_beat = now + self.tps / 100;
         if now >= self.next_print {
             self.next_print += self.tps;
@@ -81,9 +85,14 @@ fn sector_mut(buf: &mut [u8], i: usize) -> &mut [u8; SECTOR] {
     (&mut buf[i * SECTOR..(i + 1) * SECTOR]).try_into().unwrap()
 }
 
-pub fn run(bi: &BootInfo, spec: &WorkloadSpec, clock: &Clock) -> Batch {
+pub fn run(bi: &BootInfo, spec: &WorkloadSpec, clock: &Clock, enl: &mut Option<Enlighten>) -> Batch {
     let block = spec.disk.block as usize;
     let p = pages(bi, block as u64);
+    if let Some(e) = enl {
+        e.note(p.ring, PAGE_SIZE, Class::MemoryIo);
+        e.note(p.req, PAGE_SIZE, Class::MemoryIo);
+        e.note(p.buf, block as u64, Class::MemoryIo);
+    }
     let mut blk = match Blk::init(device(bi), p.ring, p.req) {
         Ok(b) => b,
         Err(e) => crate::fail(format_args!("virtio-blk: {e}")),
@@ -155,7 +164,7 @@ pub fn run(bi: &BootInfo, spec: &WorkloadSpec, clock: &Clock) -> Batch {
             }
             b.ops += 1;
             s += per as u64;
-            progress.tick(&b);
+            progress.tick(&b, enl);
         }
         if blk.flush && blk.request(T_FLUSH, 0, 0, 0).is_err() {
             b.errors += 1;
@@ -174,7 +183,7 @@ pub fn run(bi: &BootInfo, spec: &WorkloadSpec, clock: &Clock) -> Batch {
             }
             b.ops += 1;
             s += per as u64;
-            progress.tick(&b);
+            progress.tick(&b, enl);
         }
         crate::heartbeat(b.ops, b.errors);
         round += 1;

@@ -14,6 +14,7 @@
 
 mod boot32;
 mod disk;
+mod enlighten;
 mod hw;
 mod virtio;
 
@@ -36,6 +37,14 @@ static RUN_START: AtomicU64 = AtomicU64::new(0);
 static TSC_KHZ: AtomicU64 = AtomicU64::new(0);
 /// vCPUs that finished their run phase.
 static FINISHED: AtomicU32 = AtomicU32::new(0);
+/// First byte of RAM not taken by vCPU 0's boot-time allocations (0 = the
+/// boot info's `heap_start`): set before [`READY`], used by every vCPU.
+static HEAP_START: AtomicU64 = AtomicU64::new(0);
+
+/// Where the allocatable heap starts (after vCPU 0's boot-time pages).
+fn heap_start(bi: &BootInfo) -> u64 {
+    bi.heap_start.max(HEAP_START.load(Ordering::Acquire))
+}
 
 /// Operations between clock checks and stats updates.
 const BATCH: u64 = 64;
@@ -132,8 +141,9 @@ fn calibrate_tsc_khz() -> u64 {
 /// This vCPU's share of the heap: the largest contiguous piece of the
 /// `index`-th of `n` equal slices of all RAM above `heap_start`.
 fn share(bi: &BootInfo, index: u32, n: u32) -> (u64, u64) {
-    let pieces = bi.mem_regions().iter().filter_map(|r| {
-        let start = r.start.max(bi.heap_start);
+    let heap = heap_start(bi);
+    let pieces = bi.mem_regions().iter().filter_map(move |r| {
+        let start = r.start.max(heap);
         let end = r.start + r.len;
         (end > start).then_some((start, end))
     });
@@ -205,7 +215,7 @@ pub struct PageAlloc {
 
 impl PageAlloc {
     pub fn new(bi: &BootInfo) -> Self {
-        let start = bi.heap_start.next_multiple_of(PAGE_SIZE);
+        let start = heap_start(bi).next_multiple_of(PAGE_SIZE);
         let end = bi
             .mem_regions()
             .iter()
@@ -213,6 +223,11 @@ impl PageAlloc {
             .map(|r| r.start + r.len)
             .unwrap_or(start);
         Self { next: start, end }
+    }
+
+    /// The first byte not allocated yet.
+    pub fn next(&self) -> u64 {
+        self.next
     }
 
     /// `bytes` rounded up to whole pages, page aligned; `None` when RAM is exhausted.
@@ -281,6 +296,8 @@ pub extern "C" fn testbed_main(vcpu: u64, _boot_info: u64) -> ! {
         Err(e) => fail(format_args!("{e}")),
     };
     let n = bi.vcpus;
+    // The enlightenment device's driver (vCPU 0 only).
+    let mut enl = None;
     if index == 0 {
         hw::Serial::init();
         let khz = if bi.tsc_khz != 0 { bi.tsc_khz } else { calibrate_tsc_khz() };
@@ -300,6 +317,9 @@ pub extern "C" fn testbed_main(vcpu: u64, _boot_info: u64) -> ! {
             bi.cmdline_str()
         );
         print_spec(&spec, bi.total_ram());
+        let mut heap = PageAlloc::new(&bi);
+        enl = enlighten::Enlighten::init(&bi, &mut heap, khz);
+        HEAP_START.store(heap.next(), Ordering::Release);
         READY.store(1, Ordering::Release);
     } else {
         while READY.load(Ordering::Acquire) == 0 {
@@ -321,13 +341,13 @@ pub extern "C" fn testbed_main(vcpu: u64, _boot_info: u64) -> ! {
                 hw::park();
             }
             let r = if spec.workload == Workload::Disk {
-                disk::run(&bi, &spec, &clock_fn(&clock))
+                disk::run(&bi, &spec, &clock_fn(&clock), &mut enl)
             } else {
                 disk::garbage(&bi, &spec)
             };
             finish_single(r, &clock)
         }
-        Workload::Kv | Workload::Mem => run_memory_workload(index, n, &bi, &spec, &clock),
+        Workload::Kv | Workload::Mem => run_memory_workload(index, n, &bi, &spec, &clock, enl),
     }
 }
 
@@ -365,14 +385,32 @@ pub fn heartbeat(ops: u64, errors: u64) {
     stat64(so::NOW_TSC, rdtsc());
 }
 
-fn run_memory_workload(index: u32, n: u32, bi: &BootInfo, spec: &WorkloadSpec, clock: &Clock) -> ! {
+/// The RAM vCPU `index` of `n` uses for a memory workload: (base, bytes).
+fn workload_region(bi: &BootInfo, spec: &WorkloadSpec, index: u32, n: u32) -> (u64, u64) {
     let (base, len) = share(bi, index, n);
     let total_ram = bi.total_ram();
     let want = match spec.workload {
         Workload::Kv => total_ram / 100 * spec.kv.share_pct as u64 / n as u64,
         _ => spec.mem.wss.resolve(total_ram) / n as u64,
     };
-    let bytes = want.min(len) / PAGE_SIZE * PAGE_SIZE;
+    (base, want.min(len) / PAGE_SIZE * PAGE_SIZE)
+}
+
+fn run_memory_workload(
+    index: u32,
+    n: u32,
+    bi: &BootInfo,
+    spec: &WorkloadSpec,
+    clock: &Clock,
+    mut enl: Option<enlighten::Enlighten>,
+) -> ! {
+    let (base, bytes) = workload_region(bi, spec, index, n);
+    if let Some(e) = &mut enl {
+        for i in 0..n {
+            let (b, len) = workload_region(bi, spec, i, n);
+            e.note(b, len, enlighten::Class::UserData);
+        }
+    }
     // SAFETY: [base, base+bytes) is this vCPU's exclusive share of RAM above
     // the image, stacks and tables (heap_start), per the boot contract.
     let words = unsafe { hw::ram_words(base, (bytes / 8) as usize) };
@@ -465,6 +503,9 @@ fn run_memory_workload(index: u32, n: u32, bi: &BootInfo, spec: &WorkloadSpec, c
         if index == 0 && now >= next_beat {
             stat64(so::NOW_TSC, now);
             next_beat = now + beat;
+            if let Some(e) = &mut enl {
+                e.poll();
+            }
             if now >= next_print {
                 next_print += tps;
                 let (ops, errors) = total_ops_errors(n);

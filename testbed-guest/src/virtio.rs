@@ -19,7 +19,7 @@ pub const T_GET_ID: u32 = 8;
 const F_BLK_FLUSH: u32 = 1 << 9;
 
 const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
+pub const F_WRITE: u16 = 2;
 
 /// Queue entries the driver uses.
 pub const QSIZE: u16 = 16;
@@ -45,12 +45,12 @@ impl Regs {
     }
 }
 
-fn wmem<T>(addr: u64, v: T) {
+pub fn wmem<T>(addr: u64, v: T) {
     // SAFETY: driver-owned RAM (queue and request pages), identity mapped.
     unsafe { core::ptr::write_volatile(addr as *mut T, v) }
 }
 
-fn rmem<T: Copy>(addr: u64) -> T {
+pub fn rmem<T: Copy>(addr: u64) -> T {
     // SAFETY: as for `wmem`.
     unsafe { core::ptr::read_volatile(addr as *const T) }
 }
@@ -207,5 +207,83 @@ impl Blk {
             0 => Ok(()),
             s => Err(BlkError::Status(s)),
         }
+    }
+}
+
+/// One split virtqueue in a driver page laid out like [`Blk`]'s: descriptor
+/// table at 0x000, avail ring at 0x100, used ring at 0x200 (room for
+/// [`QSIZE`] entries each).
+pub struct SplitQueue {
+    pub ring: u64,
+    pub size: u16,
+    avail_idx: u16,
+    used_idx: u16,
+}
+
+impl SplitQueue {
+    /// Zeroes `ring` (a driver page), configures queue `index` of the
+    /// device (before DRIVER_OK) and marks it ready. With `no_interrupt`
+    /// the driver asks the device not to interrupt (it polls).
+    pub fn setup(regs: &Regs, index: u32, ring: u64, no_interrupt: bool) -> Option<Self> {
+        // SAFETY: the page belongs to the driver.
+        unsafe { core::ptr::write_bytes(ring as *mut u8, 0, 4096) };
+        regs.w32(0x30, index);
+        let max = regs.r32(0x34);
+        if max == 0 {
+            return None;
+        }
+        let size = (QSIZE as u32).min(max) as u16;
+        regs.w32(0x38, size as u32);
+        for (off, addr) in [(0x80, ring), (0x90, ring + 0x100), (0xa0, ring + 0x200)] {
+            regs.w32(off, addr as u32);
+            regs.w32(off + 4, (addr >> 32) as u32);
+        }
+        if no_interrupt {
+            wmem(ring + 0x100, 1u16); // VIRTQ_AVAIL_F_NO_INTERRUPT
+        }
+        regs.w32(0x44, 1);
+        Some(Self { ring, size, avail_idx: 0, used_idx: 0 })
+    }
+
+    /// Writes descriptor `i`.
+    pub fn desc(&self, i: u16, addr: u64, len: u32, flags: u16) {
+        let d = self.ring + (i % self.size) as u64 * 16;
+        wmem(d, addr);
+        wmem(d + 8, len);
+        wmem(d + 12, flags);
+        wmem(d + 14, 0u16);
+    }
+
+    /// Makes the chain at `head` available (the caller notifies).
+    pub fn push(&mut self, head: u16) {
+        let avail = self.ring + 0x100;
+        wmem(avail + 4 + 2 * (self.avail_idx % self.size) as u64, head);
+        fence(Ordering::SeqCst);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        wmem(avail + 2, self.avail_idx);
+        fence(Ordering::SeqCst);
+    }
+
+    /// The avail index the next [`push`](Self::push) uses.
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
+    /// True if the device used a buffer not yet taken (one RAM read).
+    pub fn has_used(&self) -> bool {
+        rmem::<u16>(self.ring + 0x202) != self.used_idx
+    }
+
+    /// The next used buffer as (head, length written), if any.
+    pub fn take_used(&mut self) -> Option<(u16, u32)> {
+        if !self.has_used() {
+            return None;
+        }
+        fence(Ordering::SeqCst);
+        let e = self.ring + 0x204 + (self.used_idx % self.size) as u64 * 8;
+        let id: u32 = rmem(e);
+        let len: u32 = rmem(e + 4);
+        self.used_idx = self.used_idx.wrapping_add(1);
+        Some((id as u16, len))
     }
 }

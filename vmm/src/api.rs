@@ -4,7 +4,7 @@
 //! (`{"command": "status"}`); every reply is one JSON object on one line with
 //! `"ok": true|false` and, on failure, an `"error"` message. Commands:
 //! `status`, `pause`, `resume`, `shutdown`, `snapshot PATH` (or
-//! `{"command": "snapshot", "path": PATH}`). A later issue adds `migrate`.
+//! `{"command": "snapshot", "path": PATH}`), `migrate` and `enlighten`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -24,6 +24,11 @@ pub trait ApiTarget: Send + Sync {
     fn snapshot(&self, path: &Path) -> Result<Value, String>;
     /// Migrates the VM (`to`, `mode`, `key_file` in the request); returns the report.
     fn migrate(&self, req: &Value) -> Result<Value, String>;
+    /// Asks the guest for its free bitmap and priority map (enlightenment
+    /// device); returns the summary.
+    fn enlighten(&self) -> Result<Value, String> {
+        Err("this VM has no enlightenment device".into())
+    }
     /// Called after each reply is written: requests that end the VM
     /// (shutdown, a completed migration) take effect here, so the client
     /// always receives its reply before the VMM exits.
@@ -100,6 +105,13 @@ pub fn handle(target: &dyn ApiTarget, line: &str) -> Value {
                 Err(e) => json!({"ok": false, "error": e}),
             },
         },
+        "enlighten" => match target.enlighten() {
+            Ok(mut v) => {
+                v["ok"] = true.into();
+                v
+            }
+            Err(e) => json!({"ok": false, "error": e}),
+        },
         "migrate" => match target.migrate(&req.json) {
             Ok(mut v) => {
                 v["ok"] = true.into();
@@ -110,7 +122,7 @@ pub fn handle(target: &dyn ApiTarget, line: &str) -> Value {
         other => json!({
             "ok": false,
             "error": format!(
-                "unknown command `{other}`; expected status, pause, resume, shutdown, snapshot PATH or migrate"
+                "unknown command `{other}`; expected status, pause, resume, shutdown, snapshot PATH, migrate or enlighten"
             ),
         }),
     }

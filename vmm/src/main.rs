@@ -99,7 +99,7 @@ enum Command {
         /// The VMM's API socket.
         #[arg(long, value_name = "PATH")]
         api_sock: PathBuf,
-        /// status, pause, resume or shutdown.
+        /// status, pause, resume, shutdown or enlighten.
         command: String,
     },
     /// Write the built-in testbed guest image (an ELF with a multiboot header) to a file,

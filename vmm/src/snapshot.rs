@@ -94,6 +94,10 @@ pub struct DevicesState {
     /// Each virtio-blk transport's state, in `virtio_devices::MmioState`'s
     /// own versioned encoding.
     pub blocks: Vec<Vec<u8>>,
+    /// The enlightenment device's transport state (testbed VMs), in the
+    /// same encoding; `None` for VMs without the device.
+    #[serde(default)]
+    pub enlighten: Option<Vec<u8>>,
 }
 
 /// Everything but guest memory.

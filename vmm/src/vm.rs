@@ -21,7 +21,7 @@ use crate::api::ApiTarget;
 use crate::bus::Bus;
 use crate::control::{Control, ExitReason};
 use crate::devices::legacy::{self, ExitPort, IrqfdTrigger, ParkPort, SerialDevice, SerialSink, I8042};
-use crate::devices::virtio::VirtioBlockHandle;
+use crate::devices::virtio::{VirtioBlockHandle, VirtioEnlightenHandle};
 use crate::memory::{self, GuestMem};
 use crate::migration::Mode;
 use crate::snapshot::{DevicesState, SerialSnapshot, Snapshot, SnapshotConfig, SnapshotReader};
@@ -114,6 +114,8 @@ pub struct Shared {
     pub testbed: Option<WorkloadSpec>,
     pub started: Instant,
     pub blocks: Vec<VirtioBlockHandle>,
+    /// The enlightenment device (testbed VMs).
+    pub enlighten: Option<VirtioEnlightenHandle>,
     /// How the VM ends once the current API reply is written.
     pub exit_after_reply: Mutex<Option<ExitReason>>,
     /// API requests being handled.
@@ -350,6 +352,7 @@ impl Shared {
         let devices = DevicesState {
             serial: SerialSnapshot::from(&self.serial.lock().unwrap_or_else(|e| e.into_inner()).0.state()),
             blocks: self.blocks.iter().map(|b| b.state().encode()).collect(),
+            enlighten: self.enlighten.as_ref().map(|e| e.state().encode()),
         };
         let result = vm.and_then(|vm| {
             let snap = Snapshot { config: self.config.clone(), vm, vcpus, devices };
@@ -363,12 +366,73 @@ impl Shared {
         result
     }
 
+    /// Asks the guest for its free bitmap and priority map over the
+    /// enlightenment device (Prepare, Ready, read the maps, Done, Ack) and
+    /// summarises them; the maps are not kept yet.
+    pub fn enlighten(&self) -> Result<Value, String> {
+        use bitmap_abi::{Class, FreeBitmap, PriorityMap};
+        let dev = self.enlighten.as_ref().ok_or("this VM has no enlightenment device (testbed guests only)")?;
+        let h = dev.handle();
+        let abort = || {
+            if h.send_abort().is_ok() {
+                let _ = h.wait_ack(Duration::from_secs(1));
+            }
+        };
+        if h.phase() == virtio_devices::Phase::Failed {
+            abort();
+        }
+        let t0 = Instant::now();
+        h.request_prepare(bitmap_abi::wire::DEFAULT_ACTIVE_WINDOW_MS).map_err(|e| format!("Prepare: {e}"))?;
+        let ready = h.wait_ready(Duration::from_secs(10)).map_err(|e| {
+            abort();
+            format!("waiting for Ready: {e}")
+        })?;
+        let ready_at = t0.elapsed();
+        let t1 = Instant::now();
+        let (free, prio) = h.read_maps(&*self.mem, &ready).map_err(|e| {
+            abort();
+            format!("reading the maps: {e}")
+        })?;
+        let frames = ready.frames();
+        let summary = FreeBitmap::new(&free, frames)
+            .and_then(|f| Ok((f, PriorityMap::new(&prio, frames)?)))
+            .map(|(f, p)| (f.count_free(), f.free_runs().count() as u64, p.counts()));
+        let (free_pages, free_runs, counts) = summary.map_err(|e| {
+            abort();
+            format!("maps: {e}")
+        })?;
+        let read_time = t1.elapsed();
+        let t2 = Instant::now();
+        h.send_done().map_err(|e| format!("Done: {e}"))?;
+        h.wait_ack(Duration::from_secs(5)).map_err(|e| format!("waiting for Ack: {e}"))?;
+        let ack_time = t2.elapsed();
+        let classes: serde_json::Map<String, Value> =
+            Class::ALL.iter().map(|c| (c.name().to_owned(), counts[*c as usize].into())).collect();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        Ok(json!({
+            "seq": ready.seq(),
+            "frames": frames,
+            "free_pages": free_pages,
+            "free_runs": free_runs,
+            "classes": classes,
+            "guest_counts_match": ready.info.class_counts == counts,
+            "sweep_us": ready.info.sweep_us,
+            "classify_us": ready.info.classify_us,
+            "host": {
+                "prepare_to_ready_ms": ms(ready_at),
+                "read_maps_ms": ms(read_time),
+                "done_to_ack_ms": ms(ack_time),
+                "total_ms": ms(t0.elapsed()),
+            },
+        }))
+    }
+
     /// Guest-caused errors reported by all virtio devices.
     pub fn device_errors(&self) -> (u64, Option<String>) {
         let mut n = 0;
         let mut last = None;
-        for b in &self.blocks {
-            let (e, msg) = b.errors();
+        let enl = self.enlighten.as_ref().map(|e| e.errors());
+        for (e, msg) in self.blocks.iter().map(|b| b.errors()).chain(enl) {
             n += e;
             if msg.is_some() {
                 last = msg;
@@ -422,6 +486,9 @@ impl ApiTarget for Shared {
     }
     fn snapshot(&self, path: &std::path::Path) -> Result<Value, String> {
         Shared::snapshot(self, path)
+    }
+    fn enlighten(&self) -> Result<Value, String> {
+        Shared::enlighten(self)
     }
     fn migrate(&self, req: &Value) -> Result<Value, String> {
         let to = req.get("to").and_then(Value::as_str).ok_or("migrate needs \"to\": \"HOST:PORT\"")?;
@@ -588,6 +655,20 @@ impl Vm {
             virtio_list.push(VirtioMmioDevice { base, irq, device_id: 2 });
             blocks.push(handle);
         }
+        // The enlightenment device on the next window (testbed guests).
+        let enlighten = if testbed_spec.is_some() && virtio_list.len() < testbed_abi::MAX_VIRTIO_DEVICES {
+            let i = virtio_list.len();
+            let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
+            let irq = VIRTIO_IRQ_BASE + i as u32;
+            let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+            fd.register_irqfd(&evt, irq).map_err(kvm_err("KVM_IRQFD (virtio)"))?;
+            let handle = VirtioEnlightenHandle::new(mem.clone(), evt);
+            mmio.insert(base, VIRTIO_MMIO_SIZE, handle.bus_device()).map_err(bus_err)?;
+            virtio_list.push(VirtioMmioDevice { base, irq, device_id: bitmap_abi::wire::DEVICE_ID });
+            Some(handle)
+        } else {
+            None
+        };
 
         // vCPUs and boot.
         let vcpu_fds: Vec<VcpuFd> = (0..cfg.vcpus)
@@ -610,6 +691,10 @@ impl Vm {
                 }
                 if r.snapshot.devices.blocks.len() != blocks.len() {
                     return Err(VmError::Restore("the snapshot's disks do not match".into()));
+                }
+                if let (Some(e), Some(st)) = (&enlighten, &r.snapshot.devices.enlighten) {
+                    let state = virtio_devices::MmioState::decode(st).map_err(VmError::Restore)?;
+                    e.restore(&state).map_err(|m| VmError::Restore(format!("enlightenment device: {m}")))?;
                 }
                 r.snapshot.vm.restore(&fd).map_err(|e| VmError::Restore(e.to_string()))?;
                 for (v, st) in vcpu_fds.iter().zip(&r.snapshot.vcpus) {
@@ -662,6 +747,7 @@ impl Vm {
             testbed: testbed_spec,
             started: Instant::now(),
             blocks,
+            enlighten,
             exit_after_reply: Mutex::new(None),
             api_in_flight: std::sync::atomic::AtomicI32::new(0),
         });
