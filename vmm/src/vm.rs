@@ -352,7 +352,7 @@ impl Shared {
         let devices = DevicesState {
             serial: SerialSnapshot::from(&self.serial.lock().unwrap_or_else(|e| e.into_inner()).0.state()),
             blocks: self.blocks.iter().map(|b| b.state().encode()).collect(),
-            enlighten: self.enlighten.as_ref().map(|e| e.state().encode()),
+            enlighten: self.enlighten.as_ref().map(|e| e.mmio.state().encode()),
         };
         let result = vm.and_then(|vm| {
             let snap = Snapshot { config: self.config.clone(), vm, vcpus, devices };
@@ -431,7 +431,7 @@ impl Shared {
     pub fn device_errors(&self) -> (u64, Option<String>) {
         let mut n = 0;
         let mut last = None;
-        let enl = self.enlighten.as_ref().map(|e| e.errors());
+        let enl = self.enlighten.as_ref().map(|e| e.mmio.errors());
         for (e, msg) in self.blocks.iter().map(|b| b.errors()).chain(enl) {
             n += e;
             if msg.is_some() {
@@ -650,7 +650,7 @@ impl Vm {
             let irq = VIRTIO_IRQ_BASE + i as u32;
             let evt = EventFd::new(libc::EFD_NONBLOCK)?;
             fd.register_irqfd(&evt, irq).map_err(kvm_err("KVM_IRQFD (virtio)"))?;
-            let handle = VirtioBlockHandle::new(path, mem.clone(), evt)?;
+            let handle = VirtioBlockHandle::open(path, mem.clone(), evt)?;
             mmio.insert(base, VIRTIO_MMIO_SIZE, handle.bus_device()).map_err(bus_err)?;
             virtio_list.push(VirtioMmioDevice { base, irq, device_id: 2 });
             blocks.push(handle);
@@ -663,7 +663,7 @@ impl Vm {
             let evt = EventFd::new(libc::EFD_NONBLOCK)?;
             fd.register_irqfd(&evt, irq).map_err(kvm_err("KVM_IRQFD (virtio)"))?;
             let handle = VirtioEnlightenHandle::new(mem.clone(), evt);
-            mmio.insert(base, VIRTIO_MMIO_SIZE, handle.bus_device()).map_err(bus_err)?;
+            mmio.insert(base, VIRTIO_MMIO_SIZE, handle.mmio.bus_device()).map_err(bus_err)?;
             virtio_list.push(VirtioMmioDevice { base, irq, device_id: bitmap_abi::wire::DEVICE_ID });
             Some(handle)
         } else {
@@ -694,7 +694,7 @@ impl Vm {
                 }
                 if let (Some(e), Some(st)) = (&enlighten, &r.snapshot.devices.enlighten) {
                     let state = virtio_devices::MmioState::decode(st).map_err(VmError::Restore)?;
-                    e.restore(&state).map_err(|m| VmError::Restore(format!("enlightenment device: {m}")))?;
+                    e.mmio.restore(&state).map_err(|m| VmError::Restore(format!("enlightenment device: {m}")))?;
                 }
                 r.snapshot.vm.restore(&fd).map_err(|e| VmError::Restore(e.to_string()))?;
                 for (v, st) in vcpu_fds.iter().zip(&r.snapshot.vcpus) {

@@ -9,8 +9,6 @@ use crate::bus::{BusAction, BusDevice};
 use crate::memory::GuestMem;
 use crate::vm::VmError;
 
-type BlockTransport = virtio_devices::MmioTransport<virtio_devices::Block, GuestMem>;
-
 /// Puts any virtio-mmio transport on the bus.
 struct OnBus<T>(Arc<Mutex<T>>);
 
@@ -24,20 +22,18 @@ impl<T: virtio_devices::MmioDevice> BusDevice for OnBus<T> {
     }
 }
 
-/// A virtio-blk device backed by a raw image file, on virtio-mmio.
-pub struct VirtioBlockHandle {
-    transport: Arc<Mutex<BlockTransport>>,
+/// A virtio device on virtio-mmio: the transport shared with the MMIO bus,
+/// and what the VMM needs of it (snapshots, error counts).
+pub struct VirtioMmio<D: virtio_devices::VirtioDevice> {
+    transport: Arc<Mutex<virtio_devices::MmioTransport<D, GuestMem>>>,
 }
 
-impl VirtioBlockHandle {
-    /// Opens `path` read-write and builds the device; `irq` is registered as
-    /// the device's irqfd by the caller.
-    pub fn new(path: &Path, mem: Arc<GuestMem>, irq: EventFd) -> Result<Self, VmError> {
-        let block = virtio_devices::Block::open(path, false)
-            .map_err(|e| VmError::Device(format!("disk {}: {e}", path.display())))?;
-        let transport =
-            virtio_devices::MmioTransport::new(block, mem, Arc::new(virtio_devices::EventFdInterrupt::new(irq)));
-        Ok(Self { transport: Arc::new(Mutex::new(transport)) })
+impl<D: virtio_devices::VirtioDevice + 'static> VirtioMmio<D> {
+    /// Puts `device` behind a transport; `irq` is registered as the device's
+    /// irqfd by the caller.
+    pub fn new(device: D, mem: Arc<GuestMem>, irq: EventFd) -> Self {
+        let interrupt = Arc::new(virtio_devices::EventFdInterrupt::new(irq));
+        Self { transport: Arc::new(Mutex::new(virtio_devices::MmioTransport::new(device, mem, interrupt))) }
     }
 
     /// The device as a bus device.
@@ -62,11 +58,21 @@ impl VirtioBlockHandle {
     }
 }
 
-type EnlightenTransport = virtio_devices::MmioTransport<virtio_devices::enlighten::Enlighten, GuestMem>;
+/// A virtio-blk device backed by a raw image file.
+pub type VirtioBlockHandle = VirtioMmio<virtio_devices::Block>;
+
+impl VirtioBlockHandle {
+    /// Opens `path` read-write and builds the device.
+    pub fn open(path: &Path, mem: Arc<GuestMem>, irq: EventFd) -> Result<Self, VmError> {
+        let block = virtio_devices::Block::open(path, false)
+            .map_err(|e| VmError::Device(format!("disk {}: {e}", path.display())))?;
+        Ok(Self::new(block, mem, irq))
+    }
+}
 
 /// The enlightenment device (ID 63) on virtio-mmio, with its host API handle.
 pub struct VirtioEnlightenHandle {
-    transport: Arc<Mutex<EnlightenTransport>>,
+    pub mmio: VirtioMmio<virtio_devices::enlighten::Enlighten>,
     handle: virtio_devices::enlighten::EnlightenHandle,
 }
 
@@ -78,43 +84,18 @@ impl VirtioEnlightenHandle {
     pub fn new(mem: Arc<GuestMem>, irq: EventFd) -> Self {
         let dev = virtio_devices::enlighten::Enlighten::new();
         let handle = dev.handle();
-        let transport = Arc::new(Mutex::new(virtio_devices::MmioTransport::new(
-            dev,
-            mem,
-            Arc::new(virtio_devices::EventFdInterrupt::new(irq)),
-        )));
-        let weak = Arc::downgrade(&transport);
+        let mmio = VirtioMmio::new(dev, mem, irq);
+        let weak = Arc::downgrade(&mmio.transport);
         handle.set_notifier(move || {
             if let Some(t) = weak.upgrade() {
                 virtio_devices::enlighten::deliver(&mut t.lock().unwrap_or_else(|e| e.into_inner()));
             }
         });
-        Self { transport, handle }
+        Self { mmio, handle }
     }
 
     /// The host API of the device.
     pub fn handle(&self) -> &virtio_devices::enlighten::EnlightenHandle {
         &self.handle
-    }
-
-    /// The device as a bus device.
-    pub fn bus_device(&self) -> Arc<Mutex<dyn BusDevice>> {
-        Arc::new(Mutex::new(OnBus(self.transport.clone())))
-    }
-
-    /// The transport's state, for snapshots.
-    pub fn state(&self) -> virtio_devices::MmioState {
-        self.transport.lock().unwrap_or_else(|e| e.into_inner()).state()
-    }
-
-    /// Restores a saved transport state.
-    pub fn restore(&self, state: &virtio_devices::MmioState) -> Result<(), String> {
-        self.transport.lock().unwrap_or_else(|e| e.into_inner()).restore(state)
-    }
-
-    /// Guest-caused errors so far and the last message.
-    pub fn errors(&self) -> (u64, Option<String>) {
-        let t = self.transport.lock().unwrap_or_else(|e| e.into_inner());
-        (t.guest_errors(), t.last_error().map(str::to_owned))
     }
 }
