@@ -244,39 +244,14 @@ pub fn garbage(bi: &BootInfo, spec: &WorkloadSpec) -> Batch {
         blk.submit(0, 1000);
     }
     // 6. A queue size that is not a power of two, rings in the MMIO hole.
-    regs.w32(0x70, 0);
-    regs.w32(0x70, STATUS_ACK | STATUS_DRIVER);
-    regs.w32(0x24, 1);
-    regs.w32(0x20, 1);
-    regs.w32(0x70, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK);
-    regs.w32(0x30, 0);
-    regs.w32(0x38, 3);
-    regs.w32(0x80, 0xd000_0000);
-    regs.w32(0x90, 0xd000_0100);
-    regs.w32(0xa0, 0xd000_0200);
-    regs.w32(0x44, 1);
-    regs.w32(0x70, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+    activate_queue0(&regs, 3, [0xd000_0000, 0xd000_0100, 0xd000_0200]);
     // 7. Notifying a queue that does not exist, and a status regression.
     regs.w32(0x50, 7);
     regs.w32(0x70, STATUS_ACK);
     ops += 3;
     // 8. An absurd queue size with rings far outside RAM (1 TiB, the top of
     //    the address space), then a notify.
-    regs.w32(0x70, 0);
-    regs.w32(0x70, STATUS_ACK | STATUS_DRIVER);
-    regs.w32(0x24, 1);
-    regs.w32(0x20, 1);
-    regs.w32(0x70, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK);
-    regs.w32(0x30, 0);
-    regs.w32(0x38, 0xffff);
-    regs.w32(0x80, 0);
-    regs.w32(0x84, 0x100);
-    regs.w32(0x90, 0xffff_f000);
-    regs.w32(0x94, 0xffff_ffff);
-    regs.w32(0xa0, 0xffff_fff0);
-    regs.w32(0xa4, 0x7fff_ffff);
-    regs.w32(0x44, 1);
-    regs.w32(0x70, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+    activate_queue0(&regs, 0xffff, [0x100_0000_0000, 0xffff_ffff_ffff_f000, 0x7fff_ffff_ffff_fff0]);
     regs.w32(0x50, 0);
     ops += 1;
     // 9. A two-descriptor loop (0 -> 1 -> 0) with valid buffers.
@@ -317,4 +292,22 @@ pub fn garbage(bi: &BootInfo, spec: &WorkloadSpec) -> Batch {
     );
     let _ = rdtsc();
     Batch { ops, errors: (!works) as u64, checksum: 0 }
+}
+
+/// Resets the device, negotiates VERSION_1 and activates queue 0 with the
+/// given size and (descriptor, driver, device) ring addresses, however wrong.
+fn activate_queue0(regs: &Regs, size: u32, rings: [u64; 3]) {
+    regs.w32(0x70, 0);
+    regs.w32(0x70, STATUS_ACK | STATUS_DRIVER);
+    regs.w32(0x24, 1);
+    regs.w32(0x20, 1);
+    regs.w32(0x70, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK);
+    regs.w32(0x30, 0);
+    regs.w32(0x38, size);
+    for (i, addr) in rings.iter().enumerate() {
+        regs.w32(0x80 + 0x10 * i as u64, *addr as u32);
+        regs.w32(0x84 + 0x10 * i as u64, (*addr >> 32) as u32);
+    }
+    regs.w32(0x44, 1);
+    regs.w32(0x70, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
 }

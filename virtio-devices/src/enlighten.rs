@@ -1062,14 +1062,7 @@ impl VirtioDevice for Enlighten {
         let mut cfg = [0u8; wire::config::SIZE];
         cfg[wire::config::ABI_VERSION..wire::config::ABI_VERSION + 4]
             .copy_from_slice(&u32::from(wire::VERSION).to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| cfg.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        crate::read_config_bytes(&cfg, offset, data);
     }
 
     fn process_queue<M: GuestMemory>(

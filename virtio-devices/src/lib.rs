@@ -213,3 +213,11 @@ pub trait VirtioDevice: Send {
     /// A short name for logs, e.g. `virtio-blk(disk.img)`.
     fn name(&self) -> &str;
 }
+
+/// Copies `data.len()` bytes of a device configuration space `cfg` starting
+/// at `offset`; bytes past its end (or an absurd offset) read as zero.
+pub(crate) fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset).ok().and_then(|o| o.checked_add(i)).and_then(|o| cfg.get(o)).copied().unwrap_or(0);
+    }
+}
