@@ -1,0 +1,1 @@
+//! Virtual appliances for streaming (issue 5). Work in progress.
