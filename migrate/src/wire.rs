@@ -70,6 +70,14 @@ pub enum Kind {
     Abort = 10,
     /// Dirty-round statistics and other informational records (JSON).
     Info = 11,
+    /// Ranges of pages that are zero at the source (not free, just zero):
+    /// repeated `{u64 first_pfn, u64 count}`; the destination maps zero
+    /// pages without a transfer.
+    Zero = 12,
+    /// Post-copy: the destination restored the VM; the source commits the
+    /// switch-over by answering with this frame, and only then does the
+    /// destination resume it.
+    Go = 13,
 }
 
 impl Kind {
@@ -87,6 +95,8 @@ impl Kind {
             9 => Ack,
             10 => Abort,
             11 => Info,
+            12 => Zero,
+            13 => Go,
             _ => return None,
         })
     }
@@ -328,6 +338,17 @@ pub struct FrameReader<R: Read> {
 impl<R: Read> FrameReader<R> {
     pub fn new(inner: R) -> Self {
         Self { inner, seq: 0, bytes: 0 }
+    }
+
+    /// Continues a connection whose frames up to `next_seq` were read
+    /// elsewhere (raw sections may sit between frames).
+    pub fn with_seq(inner: R, next_seq: u64) -> Self {
+        Self { inner, seq: next_seq, bytes: 0 }
+    }
+
+    /// The sequence number the next frame must carry.
+    pub fn next_seq(&self) -> u64 {
+        self.seq
     }
 
     /// Reads the next frame. `Ok(None)` on a clean end of stream between frames.

@@ -151,13 +151,32 @@ impl NetnsPair {
         for ns in [&self.src_ns, &self.dst_ns] {
             match rate_bps {
                 Some(r) => {
-                    let mut args: Vec<String> = ["tc", "-n", ns, "qdisc", "replace", "dev", IFNAME, "root"]
-                        .iter()
-                        .map(|s| s.to_string())
-                        .collect();
+                    let mut args: Vec<String> =
+                        ["tc", "-n", ns, "qdisc", "replace", "dev", IFNAME, "root", "handle", "1:"]
+                            .iter()
+                            .map(|s| s.to_string())
+                            .collect();
                     args.extend(tbf_args(r));
                     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
                     run(&refs)?;
+                    // Inside the shaper, a priority queue instead of one FIFO:
+                    // packets of sockets with SO_PRIORITY 6 (interactive; the
+                    // post-copy demand channel) leave before bulk traffic, as
+                    // with a flow-fair qdisc or DSCP on a real network.
+                    run(&[
+                        "tc",
+                        "-n",
+                        ns,
+                        "qdisc",
+                        "replace",
+                        "dev",
+                        IFNAME,
+                        "parent",
+                        "1:1",
+                        "handle",
+                        "10:",
+                        "pfifo_fast",
+                    ])?;
                 }
                 None => {
                     // Deleting the root qdisc of a device that has none fails; ignore.

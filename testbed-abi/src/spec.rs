@@ -111,6 +111,10 @@ pub struct WorkloadSpec {
     pub mem: MemParams,
     pub kv: KvParams,
     pub disk: DiskParams,
+    /// Percent of RAM that memory workloads fill with stale data before they
+    /// start and then leave unused: memory a real OS would hold as free pages
+    /// with old content (freed buffers, evicted caches). Not zero, yet free.
+    pub stale_pct: u32,
 }
 
 /// Why a workload specification was rejected.
@@ -204,6 +208,7 @@ impl WorkloadSpec {
             mem: MemParams { wss: SizeOrPercent::Percent(50), rate: 0 },
             kv: KvParams { share_pct: 50, value_size: 1024, sets: 1, gets: 9, theta_milli: 990 },
             disk: DiskParams { size: 16 << 20, block: 4096 },
+            stale_pct: 0,
         }
     }
 
@@ -242,6 +247,10 @@ impl WorkloadSpec {
                     }
                 }
                 (Workload::Mem, "rate") => spec.mem.rate = parse_u64(value).ok_or(bad("pages per second"))?,
+                (Workload::Kv | Workload::Mem, "stale") => match parse_u64(value.trim_end_matches('%')) {
+                    Some(p @ 0..=90) => spec.stale_pct = p as u32,
+                    _ => return Err(bad("a percentage of RAM from 0 to 90")),
+                },
                 (Workload::Kv, "share") => match parse_u64(value.trim_end_matches('%')) {
                     Some(p @ 1..=90) => spec.kv.share_pct = p as u32,
                     _ => return Err(bad("a percentage of RAM from 1 to 90")),

@@ -396,6 +396,35 @@ fn workload_region(bi: &BootInfo, spec: &WorkloadSpec, index: u32, n: u32) -> (u
     (base, want.min(len) / PAGE_SIZE * PAGE_SIZE)
 }
 
+/// Writes stale data (`stale=P`) into this vCPU's share after its working
+/// set and leaves it there, unused and not noted to the enlightenment
+/// device: free memory with old content, as a real OS has.
+fn stale_fill(index: u32, n: u32, bi: &BootInfo, spec: &WorkloadSpec, from: u64) {
+    if spec.stale_pct == 0 {
+        return;
+    }
+    let (sbase, slen) = share(bi, index, n);
+    let end = sbase + slen;
+    let want = bi.total_ram() / 100 * spec.stale_pct as u64 / n as u64 / PAGE_SIZE * PAGE_SIZE;
+    let len = want.min(end.saturating_sub(from));
+    if len == 0 {
+        return;
+    }
+    // SAFETY: [from, from+len) lies in this vCPU's exclusive share, after
+    // its working set (clipped to the share's end above).
+    let words = unsafe { hw::ram_words(from, (len / 8) as usize) };
+    let mut x = spec.seed ^ 0x5eed_57a1e ^ ((index as u64) << 40);
+    for w in words.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *w = x | 1;
+    }
+    if index == 0 {
+        println!("testbed: {} MiB of stale (free) memory per vCPU", len >> 20);
+    }
+}
+
 fn run_memory_workload(
     index: u32,
     n: u32,
@@ -411,11 +440,12 @@ fn run_memory_workload(
             e.note(b, len, enlighten::Class::UserData);
         }
     }
+    let mut rec = Record::new(index);
+    rec.phase(Phase::Fill);
+    stale_fill(index, n, bi, spec, base + bytes);
     // SAFETY: [base, base+bytes) is this vCPU's exclusive share of RAM above
     // the image, stacks and tables (heap_start), per the boot contract.
     let words = unsafe { hw::ram_words(base, (bytes / 8) as usize) };
-    let mut rec = Record::new(index);
-    rec.phase(Phase::Fill);
     let mut work = match spec.workload {
         Workload::Kv => {
             let cfg = KvConfig {

@@ -7,6 +7,8 @@
 //! - [`bus`], [`devices`]: port I/O and MMIO devices.
 //! - [`testbed`]: the built-in CPL3 testbed guest.
 //! - [`linux`]: the Linux boot protocol (for hardware-KVM hosts).
+//! - [`migration`], [`postcopy`]: live migration (stop-and-copy, pre-copy,
+//!   post-copy, enlightened post-copy) between two VMMs.
 //! - [`api`]: the control socket.
 
 pub mod api;
@@ -18,6 +20,7 @@ pub mod devices;
 pub mod linux;
 pub mod memory;
 pub mod migration;
+pub mod postcopy;
 pub mod snapshot;
 pub mod testbed;
 pub mod vcpu;

@@ -207,7 +207,8 @@ fn receive(listen: &str, key_file: &std::path::Path, serial: &str, api_sock: Opt
     };
     log::info!("receive: waiting for a migration on {listen}");
     loop {
-        let vmm::migration::Incoming { mut stream, peer, mem, reader, .. } = vmm::migration::accept(&listener, &key);
+        let vmm::migration::Incoming { mut stream, peer, mem, reader, postcopy, .. } =
+            vmm::migration::accept(&listener, &key);
         let cfg = VmConfig {
             mem_size: 0,
             vcpus: 1,
@@ -220,12 +221,44 @@ fn receive(listen: &str, key_file: &std::path::Path, serial: &str, api_sock: Opt
                 if let Err(e) = vmm::migration::confirm(&mut stream) {
                     // The source did not hear us: it keeps its VM; so must we not run ours.
                     eprintln!("vmm: could not confirm the migration to {peer}: {e}; discarding the VM");
+                    if let Some(pc) = &postcopy {
+                        pc.discard();
+                    }
                     continue;
                 }
-                log::info!("receive: VM from {peer} restored; running it");
+                if let Some(mut pc) = postcopy {
+                    // Post-copy: run only once the source has committed.
+                    if let Err(e) = pc.wait_go(&stream) {
+                        pc.discard();
+                        eprintln!("vmm: post-copy from {peer} was not committed: {e}; discarding the VM");
+                        continue;
+                    }
+                    let shared = vm.shared();
+                    if let Err(e) = pc.finish_in_background(&stream, shared.mem.clone()) {
+                        eprintln!("vmm: post-copy from {peer}: {e}");
+                        return ExitCode::from(EXIT_GUEST_FAILED);
+                    }
+                    // The guest holds its free frames since the source's
+                    // request: now that it runs here, let it have them back.
+                    if shared.enlighten.as_ref().is_some_and(|e| e.handle().phase() == virtio_devices::Phase::Ready) {
+                        std::thread::spawn(move || {
+                            if let Err(e) = shared.enlighten_release() {
+                                log::warn!("post-copy: releasing the guest's free frames: {e}");
+                            }
+                        });
+                    }
+                    log::info!("receive: VM from {peer} resumed; its memory follows (post-copy)");
+                } else {
+                    log::info!("receive: VM from {peer} restored; running it");
+                }
                 return serve_and_run(vm, api_sock);
             }
-            Err(e) => log::error!("receive: refused the migration from {peer}: {e}"),
+            Err(e) => {
+                if let Some(pc) = &postcopy {
+                    pc.discard();
+                }
+                log::error!("receive: refused the migration from {peer}: {e}")
+            }
         }
     }
 }

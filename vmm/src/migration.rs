@@ -17,12 +17,14 @@
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use migrate::wire::{self, Channel, FrameReader, Key, Kind};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::memory::{self, GuestMem};
+use crate::postcopy::Dest;
 use crate::snapshot::{SnapshotConfig, SnapshotReader};
 
 /// Byte the destination sends once the VM is restored.
@@ -82,14 +84,20 @@ fn resolve(to: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("bad destination `{to}`: no address"))
 }
 
-/// Connects to a destination and authenticates.
+/// Connects to a destination and authenticates (main channel).
 pub fn connect(to: &str, key: &Key) -> Result<TcpStream, String> {
+    connect_channel(to, key, Channel::Main)
+}
+
+/// Connects one channel of a migration and authenticates.
+pub fn connect_channel(to: &str, key: &Key, channel: Channel) -> Result<TcpStream, String> {
     let addr = resolve(to)?;
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .map_err(|e| format!("cannot connect to the destination {addr}: {e}"))?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
     stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
-    wire::connect_handshake(&mut stream, key, Channel::Main).map_err(|e| format!("destination {addr}: {e}"))?;
+    wire::connect_handshake(&mut stream, key, channel)
+        .map_err(|e| format!("destination {addr} ({channel:?} channel): {e}"))?;
     Ok(stream)
 }
 
@@ -129,20 +137,104 @@ impl<W: Write> Write for Counting<W> {
 }
 
 /// An authenticated incoming migration: memory pre-copied, state read and
-/// checked; the rest of memory follows in `reader`.
+/// checked; the rest of memory follows in `reader` (or, post-copy, through
+/// `postcopy`).
 pub struct Incoming {
     pub stream: TcpStream,
     pub peer: SocketAddr,
-    pub mem: GuestMem,
+    pub mem: Arc<GuestMem>,
     pub reader: SnapshotReader,
     pub precopied_pages: u64,
+    pub postcopy: Option<PostcopyIncoming>,
+}
+
+/// The destination's half of a post-copy migration in progress: guest RAM
+/// registered with userfaultfd, demand faults already served, the main
+/// connection positioned after the VM state.
+pub struct PostcopyIncoming {
+    pub dest: Arc<Dest>,
+    pub mode: String,
+    pub rest: FrameReader<Box<dyn Read + Send>>,
+}
+
+impl PostcopyIncoming {
+    /// Waits for the source's `Go` (the switch-over is committed).
+    pub fn wait_go(&mut self, stream: &TcpStream) -> Result<(), String> {
+        stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+        let f = self.rest.expect().map_err(|e| format!("waiting for the source to commit: {e}"))?;
+        stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+        match f.kind {
+            Kind::Go => Ok(()),
+            Kind::Abort => Err(format!("the source aborted: {}", String::from_utf8_lossy(&f.payload))),
+            other => Err(format!("expected the source's commit, got a {other:?} frame")),
+        }
+    }
+
+    /// Runs the rest of the migration on background threads: pushed pages,
+    /// completion, acknowledgement. `mem` is the running VM's memory (for
+    /// the progress timeline).
+    pub fn finish_in_background(self, stream: &TcpStream, mem: Arc<GuestMem>) -> Result<(), String> {
+        let PostcopyIncoming { dest, mut rest, .. } = self;
+        *dest.resumed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+        let (m, stop, tl) = (mem, dest.sampling_done.clone(), dest.timeline.clone());
+        std::thread::spawn(move || crate::postcopy::sample_progress(m, stop, tl));
+        let main = stream.try_clone().map_err(|e| e.to_string())?;
+        std::thread::Builder::new()
+            .name("postcopy-main".into())
+            .spawn(move || {
+                if let Err(e) = dest.main_reader(&mut rest, main) {
+                    log::error!("post-copy: {e}");
+                }
+                dest.sampling_done.store(true, std::sync::atomic::Ordering::Release);
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+impl PostcopyIncoming {
+    /// Gives up on this migration: ends the fault threads.
+    pub fn discard(&self) {
+        self.dest.done.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Accepts the demand connection of a post-copy migration (within 10 s).
+fn accept_demand(listener: &TcpListener, key: &Key, peer: SocketAddr) -> Result<TcpStream, String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let r = loop {
+        if std::time::Instant::now() > deadline {
+            break Err(format!("{peer} did not open the demand connection"));
+        }
+        match listener.accept() {
+            Ok((mut s, from)) => {
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_nodelay(true);
+                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                match wire::accept_handshake(&mut s, key, Channel::Demand) {
+                    Ok(()) => {
+                        let _ = s.set_read_timeout(None);
+                        crate::postcopy::mark_interactive(&s);
+                        break Ok(s);
+                    }
+                    Err(e) => log::warn!("receive: refused a demand connection from {from}: {e}"),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
+            Err(e) => break Err(format!("accepting the demand connection: {e}")),
+        }
+    };
+    listener.set_nonblocking(false).map_err(|e| e.to_string())?;
+    r
 }
 
 /// Receives the pre-switchover part of a migration stream.
-fn receive_stream(stream: &TcpStream, peer: SocketAddr) -> Result<Incoming, String> {
+fn receive_stream(stream: &TcpStream, peer: SocketAddr, listener: &TcpListener, key: &Key) -> Result<Incoming, String> {
     let mut br = BufReader::with_capacity(1 << 20, stream.try_clone().map_err(|e| e.to_string())?);
     // Frames up to the switch-over; the snapshot stream follows in `br`.
-    let (config, mem, precopied) = {
+    let mut postcopy: Option<(Arc<Dest>, String)> = None;
+    let (config, mem, precopied, next_seq) = {
         let mut fr = FrameReader::new(&mut br);
         let first = fr.expect().map_err(|e| e.to_string())?;
         if first.kind != Kind::Config {
@@ -159,6 +251,31 @@ fn receive_stream(stream: &TcpStream, peer: SocketAddr) -> Result<Incoming, Stri
         loop {
             let f = fr.expect().map_err(|e| e.to_string())?;
             match f.kind {
+                Kind::Info if precopied == 0 && postcopy.is_none() => {
+                    let v: serde_json::Value = serde_json::from_slice(&f.payload).unwrap_or_default();
+                    let mode = v["mode"].as_str().unwrap_or("").to_owned();
+                    if mode == "postcopy" || mode == "enlightened" {
+                        // Guest RAM is untouched: register it before anything reads it.
+                        let dest = Arc::new(Dest::register(&mem)?);
+                        let demand = accept_demand(listener, key, peer)?;
+                        let reader = demand.try_clone().map_err(|e| e.to_string())?;
+                        let (d1, d2) = (dest.clone(), dest.clone());
+                        std::thread::Builder::new()
+                            .name("postcopy-faults".into())
+                            .spawn(move || d1.fault_loop(demand))
+                            .map_err(|e| e.to_string())?;
+                        std::thread::Builder::new()
+                            .name("postcopy-demand".into())
+                            .spawn(move || d2.demand_reader(reader))
+                            .map_err(|e| e.to_string())?;
+                        log::info!("receive: {mode} post-copy from {peer}; guest RAM registered with userfaultfd");
+                        postcopy = Some((dest, mode));
+                    }
+                }
+                Kind::FreeRanges => {
+                    let dest = postcopy.as_ref().ok_or("free ranges outside a post-copy migration")?;
+                    dest.0.install_ranges(&decode_ranges(&f.payload)?, true)?;
+                }
                 Kind::Pages => {
                     for (gpa, page) in wire::page_records(&f.payload).map_err(|e| e.to_string())? {
                         if gpa % 4096 != 0 {
@@ -174,15 +291,31 @@ fn receive_stream(stream: &TcpStream, peer: SocketAddr) -> Result<Incoming, Stri
                 other => return Err(format!("unexpected {other:?} frame before switch-over")),
             }
         }
-        (config, mem, precopied)
+        let next = fr.next_seq();
+        (config, mem, precopied, next)
     };
-    let reader = SnapshotReader::from_stream(Box::new(br), Path::new(&format!("migration stream from {peer}")))
+    let mut reader = SnapshotReader::from_stream(Box::new(br), Path::new(&format!("migration stream from {peer}")))
         .map_err(|e| e.to_string())?;
     if reader.snapshot.config != config {
         return Err("the VM state does not match the announced configuration".into());
     }
+    let postcopy = match postcopy {
+        None => None,
+        Some((dest, mode)) => {
+            let (_, rest) = reader.read_memory_and_take_rest(&mem).map_err(|e| e.to_string())?;
+            Some(PostcopyIncoming { dest, mode, rest: FrameReader::with_seq(rest, next_seq) })
+        }
+    };
     let stream = stream.try_clone().map_err(|e| e.to_string())?;
-    Ok(Incoming { stream, peer, mem, reader, precopied_pages: precopied })
+    Ok(Incoming { stream, peer, mem: Arc::new(mem), reader, precopied_pages: precopied, postcopy })
+}
+
+fn decode_ranges(payload: &[u8]) -> Result<Vec<(u64, u64)>, String> {
+    if payload.len() % 16 != 0 {
+        return Err("malformed free-ranges frame".into());
+    }
+    let v = wire::u64s(payload, "free ranges").map_err(|e| e.to_string())?;
+    Ok(v.chunks_exact(2).map(|c| (c[0], c[1])).collect())
 }
 
 /// Waits for a connection that authenticates and delivers a valid stream up
@@ -204,7 +337,7 @@ pub fn accept(listener: &TcpListener, key: &Key) -> Incoming {
             continue;
         }
         log::info!("receive: authenticated migration from {peer}");
-        match receive_stream(&stream, peer) {
+        match receive_stream(&stream, peer, listener, key) {
             Ok(inc) => {
                 log::info!(
                     "receive: {}-vCPU VM from {peer}, {} pages pre-copied",

@@ -180,6 +180,21 @@ pub fn write_stream<W: Write + ?Sized>(
     mem: &GuestMem,
     include: &mut PageFilter,
 ) -> io::Result<u64> {
+    write_stream_with(w, snap, mem, Some(include))
+}
+
+/// Writes a snapshot stream without any page (post-copy sends memory
+/// afterwards); guest memory is not read.
+pub fn write_state_only<W: Write + ?Sized>(w: &mut W, snap: &Snapshot, mem: &GuestMem) -> io::Result<u64> {
+    write_stream_with(w, snap, mem, None)
+}
+
+fn write_stream_with<W: Write + ?Sized>(
+    w: &mut W,
+    snap: &Snapshot,
+    mem: &GuestMem,
+    mut include: Option<&mut PageFilter>,
+) -> io::Result<u64> {
     {
         let state = serde_json::to_vec(snap).map_err(io::Error::other)?;
         w.write_all(MAGIC)?;
@@ -198,10 +213,12 @@ pub fn write_stream<W: Write + ?Sized>(
             // Bitmap of the included pages, then those pages.
             let mut bitmap = vec![0u8; pages.div_ceil(8)];
             let mut page = vec![0u8; PAGE];
-            for p in 0..pages {
-                mem.read_slice(&mut page, base.unchecked_add((p * PAGE) as u64)).map_err(io::Error::other)?;
-                if include(ri, p, &page) {
-                    bitmap[p / 8] |= 1 << (p % 8);
+            if let Some(include) = include.as_mut() {
+                for p in 0..pages {
+                    mem.read_slice(&mut page, base.unchecked_add((p * PAGE) as u64)).map_err(io::Error::other)?;
+                    if include(ri, p, &page) {
+                        bitmap[p / 8] |= 1 << (p % 8);
+                    }
                 }
             }
             h.write_all(&bitmap)?;
@@ -224,6 +241,8 @@ pub struct SnapshotReader {
     path: PathBuf,
     r: Box<dyn Read + Send>,
     pub snapshot: Snapshot,
+    /// Memory was already read (post-copy): `read_memory` does nothing.
+    memory_read: bool,
 }
 
 fn read_exact(r: &mut impl Read, b: &mut [u8], path: &Path) -> Result<(), SnapshotError> {
@@ -274,12 +293,28 @@ impl SnapshotReader {
         if snapshot.vcpus.len() != snapshot.config.vcpus as usize {
             return Err(SnapshotError::Malformed { path: path.to_owned(), what: "vCPU count mismatch".into() });
         }
-        Ok(Self { path: path.to_owned(), r, snapshot })
+        Ok(Self { path: path.to_owned(), r, snapshot, memory_read: false })
     }
 
     /// Reads guest memory into `mem` (which must have the snapshot's
     /// layout), verifying every region's checksum.
     pub fn read_memory(mut self, mem: &GuestMem) -> Result<u64, SnapshotError> {
+        self.read_memory_here(mem)
+    }
+
+    /// Reads the memory sections now and hands back the rest of the stream
+    /// (a post-copy migration continues with frames after them); a later
+    /// `read_memory` does nothing.
+    pub fn read_memory_and_take_rest(&mut self, mem: &GuestMem) -> Result<(u64, Box<dyn Read + Send>), SnapshotError> {
+        let n = self.read_memory_here(mem)?;
+        self.memory_read = true;
+        Ok((n, std::mem::replace(&mut self.r, Box::new(io::empty()))))
+    }
+
+    fn read_memory_here(&mut self, mem: &GuestMem) -> Result<u64, SnapshotError> {
+        if self.memory_read {
+            return Ok(0);
+        }
         let path = self.path.clone();
         let bad = |what: String| SnapshotError::Malformed { path: path.clone(), what };
         let mut loaded = 0;

@@ -156,14 +156,11 @@ impl Shared {
     /// Migrates the VM to another VMM; on success the VM here ends and the
     /// report is returned. On failure the VM keeps running here.
     pub fn migrate(&self, to: &str, key: &migrate::wire::Key, mode: Mode) -> Result<Value, String> {
-        if !matches!(mode, Mode::StopAndCopy | Mode::Precopy) {
-            return Err(format!(
-                "migration mode `{}` is not implemented yet; use stop-and-copy or precopy",
-                mode.name()
-            ));
-        }
         let t0 = Instant::now();
         let stream = crate::migration::connect(to, key)?;
+        if matches!(mode, Mode::Postcopy | Mode::Enlightened) {
+            return self.migrate_postcopy(to, key, stream, mode, t0);
+        }
         let mut paused_here = false;
         let mut logging = false;
         let result = self.migrate_over(&stream, mode, t0, &mut paused_here, &mut logging);
@@ -337,6 +334,245 @@ impl Shared {
         }))
     }
 
+    /// Post-copy and enlightened post-copy, source side (see `postcopy.rs`).
+    fn migrate_postcopy(
+        &self,
+        to: &str,
+        key: &migrate::wire::Key,
+        stream: std::net::TcpStream,
+        mode: Mode,
+        t0: Instant,
+    ) -> Result<Value, String> {
+        use crate::postcopy::{self, Round, Source};
+        use migrate::wire::{Channel, FrameReader, FrameWriter, Kind};
+        use std::sync::atomic::AtomicBool;
+        let io = |e: migrate::wire::WireError| format!("sending: {e}");
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let writer = stream.try_clone().map_err(|e| e.to_string())?;
+        let mut fw = FrameWriter::new(std::io::BufWriter::with_capacity(1 << 20, writer));
+        fw.send(Kind::Config, &serde_json::to_vec(&self.config).map_err(|e| e.to_string())?).map_err(io)?;
+        fw.send(Kind::Info, json!({"mode": mode.name()}).to_string().as_bytes()).map_err(io)?;
+        fw.flush().map_err(io)?;
+        let demand = crate::migration::connect_channel(to, key, Channel::Demand)?;
+        postcopy::mark_interactive(&demand);
+
+        // The guest's progress here, every 100 ms, until the switch-over.
+        let sampling = Arc::new(AtomicBool::new(false));
+        let src_timeline = Arc::new(Mutex::new(Vec::new()));
+        let sampler = {
+            let (m, s, t) = (self.mem.clone(), sampling.clone(), src_timeline.clone());
+            std::thread::spawn(move || postcopy::sample_progress(m, s, t))
+        };
+        let stop_sampler = || {
+            sampling.store(true, Ordering::Release);
+        };
+
+        let source = Arc::new(Source::new(self.mem.clone()));
+        let mut enlightenment = None;
+        let mut enlightenment_ms = 0.0;
+        if mode == Mode::Enlightened {
+            let t = Instant::now();
+            let e = self.enlighten_prepare().map_err(|e| {
+                stop_sampler();
+                format!("enlightenment: {e}")
+            })?;
+            enlightenment_ms = ms(t.elapsed());
+            log::info!("enlightenment: {} ms, {}", enlightenment_ms.round(), e.summary());
+            enlightenment = Some(e);
+        }
+
+        // Suspend, send the free ranges and the device state; the
+        // destination restores and says so; committing = sending Go.
+        let mut paused_here = false;
+        let mut demand_thread = None;
+        let pre = (|| -> Result<(Instant, f64, u64, u64, Instant), String> {
+            if !self.control.is_paused() {
+                self.pause()?;
+                paused_here = true;
+            }
+            let t_pause = Instant::now();
+            stop_sampler();
+            let mut free_info = 0;
+            if let Some(e) = &enlightenment {
+                let ranges = source.mark_free(e.free_bitmap().free_runs());
+                free_info = postcopy::send_ranges(&mut fw, Kind::FreeRanges, &ranges)?;
+            }
+            let suspension_ms = ms(t_pause.elapsed());
+            fw.send(Kind::Switchover, b"postcopy").map_err(io)?;
+            let mut counting = crate::migration::Counting { inner: fw.get_mut(), bytes: 0 };
+            self.with_snapshot(&mut |snap| {
+                crate::snapshot::write_state_only(&mut counting, snap, &self.mem)
+                    .map_err(|e| format!("sending the VM state: {e}"))
+            })?;
+            let state_bytes = counting.bytes;
+            fw.flush().map_err(io)?;
+            let t_state = Instant::now();
+            let (src, conn) = (source.clone(), demand.try_clone().map_err(|e| e.to_string())?);
+            demand_thread = Some(std::thread::spawn(move || src.serve_demand(conn)));
+            crate::migration::await_confirmation(&stream)?;
+            fw.send(Kind::Go, &[]).map_err(io)?;
+            fw.flush().map_err(io)?;
+            Ok((t_pause, suspension_ms, free_info, state_bytes, t_state))
+        })();
+        let _ = sampler.join();
+        let (t_pause, suspension_ms, free_info, state_bytes, t_state) = match pre {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = demand.shutdown(std::net::Shutdown::Both);
+                if let Some(t) = demand_thread {
+                    let _ = t.join();
+                }
+                if paused_here {
+                    self.control.resume();
+                }
+                if enlightenment.is_some() {
+                    if let Err(r) = self.enlighten_release() {
+                        log::warn!("releasing the guest's free frames: {r}");
+                    }
+                }
+                log::error!("migration to {to} failed before the switch-over; the VM keeps running here: {e}");
+                return Err(e);
+            }
+        };
+        let t_go = Instant::now();
+        let downtime_ms = ms(t_go - t_pause);
+        let execution_transfer_ms = ms(t_go - t0);
+        log::info!(
+            "post-copy: the VM runs at {to} after {execution_transfer_ms:.0} ms (downtime {downtime_ms:.0} ms); pushing"
+        );
+
+        // From here on the VM lives at the destination: never resume here.
+        *self.exit_after_reply.lock().unwrap_or_else(|e| e.into_inner()) = Some(ExitReason::Migrated);
+        let rounds: Vec<Round> = match &enlightenment {
+            None => {
+                vec![Round { name: "address-order".into(), class: None, pages: (0..source.space.pages()).collect() }]
+            }
+            Some(e) => {
+                let prio = e.priority_map();
+                bitmap_abi::Class::ALL
+                    .iter()
+                    .filter(|c| **c != bitmap_abi::Class::Free)
+                    .map(|&c| {
+                        let pages = prio
+                            .frames_of(c)
+                            .filter_map(|pfn| source.space.index(pfn * postcopy::PAGE))
+                            .filter(|&i| !source.free.get(i))
+                            .collect();
+                        Round { name: c.name().to_owned(), class: Some(c as u32), pages }
+                    })
+                    .chain(std::iter::once(Round {
+                        // Frames beyond the map (none for a well-formed guest).
+                        name: "unmapped".into(),
+                        class: None,
+                        pages: (0..source.space.pages())
+                            .filter(|&i| source.space.gpa(i) / postcopy::PAGE >= e.ready.frames())
+                            .collect(),
+                    }))
+                    .collect()
+            }
+        };
+        let post = (|| -> Result<(Value, [u8; 32], Value, f64), String> {
+            let rounds_report = source.push(&rounds, &mut fw, t0)?;
+            fw.send(Kind::Complete, &[]).map_err(io)?;
+            fw.flush().map_err(io)?;
+            stream.set_read_timeout(Some(Duration::from_secs(120))).map_err(|e| e.to_string())?;
+            let mut fr = FrameReader::new(std::io::BufReader::new(&stream));
+            let ack = fr.expect().map_err(|e| format!("waiting for the destination's acknowledgement: {e}"))?;
+            if ack.kind != Kind::Ack || ack.payload.len() != 32 {
+                return Err(format!("the destination answered {:?} instead of acknowledging every page", ack.kind));
+            }
+            let total_ms = ms(t0.elapsed());
+            let info = fr.expect().map_err(|e| format!("waiting for the destination's statistics: {e}"))?;
+            let dest: Value = if info.kind == Kind::Info {
+                serde_json::from_slice(&info.payload).unwrap_or(Value::Null)
+            } else {
+                Value::Null
+            };
+            let mut digest = [0u8; 32];
+            digest.copy_from_slice(&ack.payload);
+            Ok((rounds_report, digest, dest, total_ms))
+        })();
+        let _ = demand.shutdown(std::net::Shutdown::Both);
+        let demand_result = demand_thread.map(|t| t.join());
+        let (rounds_report, dest_digest, dest, total_ms) = post.map_err(|e| {
+            format!(
+                "post-copy to {to} broke after the switch-over (the VM runs at the destination; this VMM keeps \
+                 its memory until it exits): {e}"
+            )
+        })?;
+        if let Some(Ok(Err(e))) = demand_result {
+            log::debug!("demand thread ended: {e}");
+        }
+        let src_digest = source.summary();
+        let integrity_ok = src_digest == dest_digest;
+        if !integrity_ok {
+            log::error!("post-copy: destination memory differs from the source's at suspension");
+        }
+        crate::memory::discard(&self.mem);
+        let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let push_bytes: u64 =
+            rounds_report.as_array().map(|a| a.iter().filter_map(|r| r["bytes"].as_u64()).sum()).unwrap_or(0);
+        let mut classes = serde_json::Map::new();
+        let mut per_round = Vec::new();
+        for r in rounds_report.as_array().into_iter().flatten() {
+            classes.insert(
+                r["name"].as_str().unwrap_or("?").to_owned(),
+                json!({"pages": r["pages"], "data_pages": r["data_pages"], "start_ms": r["start_ms"], "ms": r["ms"]}),
+            );
+            per_round.push(r.clone());
+        }
+        let timeline = |v: &[(u64, u64)]| -> Vec<Value> { v.iter().map(|&(t, o)| json!([t, o])).collect() };
+        let report = json!({
+            "mode": mode.name(),
+            "to": to,
+            "enlightenment_ms": enlightenment_ms,
+            "suspension_ms": suspension_ms,
+            "state_transfer_ms": ms(t_state - t_pause),
+            "execution_transfer_ms": execution_transfer_ms,
+            "downtime_ms": downtime_ms,
+            "total_duration_ms": total_ms,
+            "bytes": {
+                "precopy": 0,
+                "state": state_bytes,
+                "push": push_bytes,
+                "demand": ld(&source.demand_bytes),
+                "free_info": free_info,
+            },
+            "pages": {
+                "total": source.space.pages(),
+                "free": enlightenment.as_ref().map(|e| e.free_bitmap().count_free()).unwrap_or(0),
+                "demand": ld(&source.demand_pages),
+                "demand_duplicates": ld(&source.demand_duplicates),
+            },
+            "free_pages_sent": ld(&source.free_pages_sent),
+            "enlightenment": enlightenment.as_ref().map(|e| e.summary()),
+            "rounds": per_round,
+            "classes": classes,
+            "destination": dest.clone(),
+            "fault_latency_ms": dest["fault_latency_ms"].clone(),
+            "integrity": {
+                "match": integrity_ok,
+                "source": blake3::Hash::from(src_digest).to_hex().to_string(),
+                "destination": blake3::Hash::from(dest_digest).to_hex().to_string(),
+                "pages_compared": source.space.pages(),
+            },
+            "timeline": {
+                "epoch_ms": crate::postcopy::unix_ms() - t0.elapsed().as_millis() as u64,
+                "source": timeline(&src_timeline.lock().unwrap_or_else(|e| e.into_inner())),
+                "destination": dest["timeline"].clone(),
+            },
+        });
+        log::info!(
+            "migrated to {to} ({}): total {total_ms:.0} ms, integrity {}",
+            mode.name(),
+            if integrity_ok { "ok" } else { "MISMATCH" }
+        );
+        if !integrity_ok {
+            return Err(format!("integrity check failed: {report}"));
+        }
+        Ok(report)
+    }
+
     /// Builds the snapshot of the paused VM and hands it to `f`.
     fn with_snapshot(&self, f: &mut dyn FnMut(&Snapshot) -> Result<u64, String>) -> Result<u64, String> {
         let mut table = self.vcpu_states.lock().unwrap_or_else(|e| e.into_inner());
@@ -366,11 +602,11 @@ impl Shared {
         result
     }
 
-    /// Asks the guest for its free bitmap and priority map over the
-    /// enlightenment device (Prepare, Ready, read the maps, Done, Ack) and
-    /// summarises them; the maps are not kept yet.
-    pub fn enlighten(&self) -> Result<Value, String> {
-        use bitmap_abi::{Class, FreeBitmap, PriorityMap};
+    /// Asks the guest for its free bitmap and priority map (Prepare, Ready,
+    /// read the maps). On success the guest holds its free frames until
+    /// [`Self::enlighten_release`]; on failure they are released already.
+    pub fn enlighten_prepare(&self) -> Result<Enlightenment, String> {
+        use bitmap_abi::{FreeBitmap, PriorityMap};
         let dev = self.enlighten.as_ref().ok_or("this VM has no enlightenment device (testbed guests only)")?;
         let h = dev.handle();
         let abort = || {
@@ -394,37 +630,40 @@ impl Shared {
             format!("reading the maps: {e}")
         })?;
         let frames = ready.frames();
-        let summary = FreeBitmap::new(&free, frames)
-            .and_then(|f| Ok((f, PriorityMap::new(&prio, frames)?)))
-            .map(|(f, p)| (f.count_free(), f.free_runs().count() as u64, p.counts()));
-        let (free_pages, free_runs, counts) = summary.map_err(|e| {
+        if let Err(e) = FreeBitmap::new(&free, frames).and_then(|_| PriorityMap::new(&prio, frames)) {
             abort();
-            format!("maps: {e}")
-        })?;
-        let read_time = t1.elapsed();
-        let t2 = Instant::now();
+            return Err(format!("maps: {e}"));
+        }
+        Ok(Enlightenment { ready, free, prio, prepare_to_ready: ready_at, read_maps: t1.elapsed() })
+    }
+
+    /// Tells the guest it may use its free frames again (Done, Ack).
+    pub fn enlighten_release(&self) -> Result<Duration, String> {
+        let dev = self.enlighten.as_ref().ok_or("this VM has no enlightenment device")?;
+        let h = dev.handle();
+        let t = Instant::now();
         h.send_done().map_err(|e| format!("Done: {e}"))?;
         h.wait_ack(Duration::from_secs(5)).map_err(|e| format!("waiting for Ack: {e}"))?;
-        let ack_time = t2.elapsed();
-        let classes: serde_json::Map<String, Value> =
-            Class::ALL.iter().map(|c| (c.name().to_owned(), counts[*c as usize].into())).collect();
+        Ok(t.elapsed())
+    }
+
+    /// Asks the guest for its free bitmap and priority map over the
+    /// enlightenment device (Prepare, Ready, read the maps, Done, Ack) and
+    /// summarises them.
+    pub fn enlighten(&self) -> Result<Value, String> {
+        let t0 = Instant::now();
+        let e = self.enlighten_prepare()?;
+        let summary = e.summary();
+        let ack_time = self.enlighten_release()?;
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        Ok(json!({
-            "seq": ready.seq(),
-            "frames": frames,
-            "free_pages": free_pages,
-            "free_runs": free_runs,
-            "classes": classes,
-            "guest_counts_match": ready.info.class_counts == counts,
-            "sweep_us": ready.info.sweep_us,
-            "classify_us": ready.info.classify_us,
-            "host": {
-                "prepare_to_ready_ms": ms(ready_at),
-                "read_maps_ms": ms(read_time),
-                "done_to_ack_ms": ms(ack_time),
-                "total_ms": ms(t0.elapsed()),
-            },
-        }))
+        let mut v = summary;
+        v["host"] = json!({
+            "prepare_to_ready_ms": ms(e.prepare_to_ready),
+            "read_maps_ms": ms(e.read_maps),
+            "done_to_ack_ms": ms(ack_time),
+            "total_ms": ms(t0.elapsed()),
+        });
+        Ok(v)
     }
 
     /// Guest-caused errors reported by all virtio devices.
@@ -499,6 +738,42 @@ impl ApiTarget for Shared {
     }
 }
 
+/// The guest's maps, read after its Ready reply.
+pub struct Enlightenment {
+    pub ready: virtio_devices::Ready,
+    pub free: Vec<u8>,
+    pub prio: Vec<u8>,
+    pub prepare_to_ready: Duration,
+    pub read_maps: Duration,
+}
+
+impl Enlightenment {
+    pub fn free_bitmap(&self) -> bitmap_abi::FreeBitmap<'_> {
+        bitmap_abi::FreeBitmap::new(&self.free, self.ready.frames()).expect("validated when read")
+    }
+    pub fn priority_map(&self) -> bitmap_abi::PriorityMap<'_> {
+        bitmap_abi::PriorityMap::new(&self.prio, self.ready.frames()).expect("validated when read")
+    }
+    /// Counts for reports.
+    pub fn summary(&self) -> Value {
+        use bitmap_abi::Class;
+        let f = self.free_bitmap();
+        let counts = self.priority_map().counts();
+        let classes: serde_json::Map<String, Value> =
+            Class::ALL.iter().map(|c| (c.name().to_owned(), counts[*c as usize].into())).collect();
+        json!({
+            "seq": self.ready.seq(),
+            "frames": self.ready.frames(),
+            "free_pages": f.count_free(),
+            "free_runs": f.free_runs().count() as u64,
+            "classes": classes,
+            "guest_counts_match": self.ready.info.class_counts == counts,
+            "sweep_us": self.ready.info.sweep_us,
+            "classify_us": self.ready.info.classify_us,
+        })
+    }
+}
+
 /// How a VM run ended.
 pub struct Outcome {
     pub reason: ExitReason,
@@ -542,14 +817,14 @@ impl Vm {
 
     /// Creates a VM from an incoming migration stream (already verified up
     /// to its state section; memory is read and checked here).
-    pub fn create_incoming(cfg: VmConfig, mem: GuestMem, reader: SnapshotReader) -> Result<Self, VmError> {
+    pub fn create_incoming(cfg: VmConfig, mem: Arc<GuestMem>, reader: SnapshotReader) -> Result<Self, VmError> {
         Self::create_from(cfg, Some(reader), Some(mem))
     }
 
     fn create_from(
         mut cfg: VmConfig,
         incoming: Option<SnapshotReader>,
-        premade_mem: Option<GuestMem>,
+        premade_mem: Option<Arc<GuestMem>>,
     ) -> Result<Self, VmError> {
         // A restore takes the VM's shape from the snapshot.
         let opened = match (&cfg.boot, incoming) {
@@ -606,10 +881,10 @@ impl Vm {
         fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
         let ranges = crate::arch::ram_regions(cfg.mem_size);
-        let mem = Arc::new(match premade_mem {
+        let mem = match premade_mem {
             Some(m) => m,
-            None => memory::create(&ranges)?,
-        });
+            None => Arc::new(memory::create(&ranges)?),
+        };
         memory::register_slots(&fd, &mem, false)?;
 
         // Legacy devices.

@@ -1,0 +1,736 @@
+//! Post-copy migration: the pieces both ends run after the switch-over.
+//!
+//! The source, VM paused, pushes every page the destination does not have
+//! yet over the main connection, in rounds (address order for simple
+//! post-copy; priority classes, Kernel first, for enlightened post-copy),
+//! while a second thread answers the destination's demand faults over the
+//! second connection, which carries nothing else, so a fault never waits
+//! behind pushed pages (its socket is also marked interactive, so a
+//! priority-aware queue on the path sends it first). Zero pages travel as
+//! ranges (`Zero` frames), free pages (enlightened) as ranges before the
+//! switch-over (`FreeRanges`), and the destination maps both without data.
+//!
+//! The destination registers guest RAM with userfaultfd ([`pager::Pager`])
+//! before anything touches it; a fault thread turns userfaultfd events into
+//! `Request` frames, a reader installs the answers, another installs pushed
+//! pages. Whoever installs first wins; the other learns the page is present.
+//! When no page is missing it unregisters the userfaultfd and acknowledges
+//! with a digest of everything it installed, which the source compares with
+//! its own: the report's `integrity`.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use migrate::wire::{self, FrameReader, FrameWriter, Kind};
+use serde_json::{json, Value};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::memory::GuestMem;
+
+/// Page size.
+pub const PAGE: u64 = 4096;
+/// Pages per pushed `Pages` frame (1 MiB).
+const PUSH_BATCH: usize = 256;
+/// Ranges per `Zero`/`FreeRanges` frame.
+const RANGES_PER_FRAME: usize = 64 * 1024;
+/// Most pages one `Request` frame asks for.
+const MAX_REQUEST: usize = 64;
+
+/// Guest RAM as one index space of pages (regions in address order).
+#[derive(Clone, Debug)]
+pub struct PageSpace {
+    /// (base gpa, pages, index of the first page)
+    regions: Vec<(u64, u64, u64)>,
+    total: u64,
+}
+
+impl PageSpace {
+    pub fn of(mem: &GuestMem) -> Self {
+        let mut regions = Vec::new();
+        let mut total = 0;
+        for r in mem.iter() {
+            let pages = r.len() / PAGE;
+            regions.push((r.start_addr().0, pages, total));
+            total += pages;
+        }
+        Self { regions, total }
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.total
+    }
+
+    pub fn gpa(&self, idx: u64) -> u64 {
+        for &(base, pages, first) in &self.regions {
+            if idx < first + pages {
+                return base + (idx - first) * PAGE;
+            }
+        }
+        u64::MAX
+    }
+
+    pub fn index(&self, gpa: u64) -> Option<u64> {
+        if gpa % PAGE != 0 {
+            return None;
+        }
+        self.regions
+            .iter()
+            .find(|&&(base, pages, _)| gpa >= base && gpa < base + pages * PAGE)
+            .map(|&(base, _, first)| first + (gpa - base) / PAGE)
+    }
+
+    /// The parts of the frame range `[pfn, pfn + count)` that are RAM, as
+    /// `(first index, count)`.
+    pub fn clip(&self, pfn: u64, count: u64) -> Vec<(u64, u64)> {
+        let (lo, hi) = (pfn.saturating_mul(PAGE), pfn.saturating_add(count).saturating_mul(PAGE));
+        let mut out = Vec::new();
+        for &(base, pages, first) in &self.regions {
+            let (a, b) = (lo.max(base), hi.min(base + pages * PAGE));
+            if b > a {
+                out.push((first + (a - base) / PAGE, (b - a) / PAGE));
+            }
+        }
+        out
+    }
+}
+
+/// A bitmap safe to share between threads.
+pub struct Bits(Vec<AtomicU64>);
+
+impl Bits {
+    pub fn new(n: u64) -> Self {
+        Self((0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+    }
+    /// Sets bit `i`; true if it was clear.
+    pub fn set(&self, i: u64) -> bool {
+        let b = 1u64 << (i % 64);
+        self.0[(i / 64) as usize].fetch_or(b, Ordering::AcqRel) & b == 0
+    }
+    pub fn get(&self, i: u64) -> bool {
+        self.0[(i / 64) as usize].load(Ordering::Acquire) & (1 << (i % 64)) != 0
+    }
+}
+
+/// Digest of one page's content (the first 8 bytes of its BLAKE3 hash).
+pub fn page_digest(data: &[u8]) -> u64 {
+    u64::from_le_bytes(blake3::hash(data).as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+/// Digest of a zero page.
+pub fn zero_digest() -> u64 {
+    static Z: OnceLock<u64> = OnceLock::new();
+    *Z.get_or_init(|| page_digest(&[0u8; PAGE as usize]))
+}
+
+fn is_zero(p: &[u8]) -> bool {
+    p.chunks_exact(8).all(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")) == 0)
+}
+
+/// Per-page digests (0 = free / not sent) and their combined hash.
+pub struct Digests(Vec<AtomicU64>);
+
+impl Digests {
+    pub fn new(n: u64) -> Self {
+        Self((0..n).map(|_| AtomicU64::new(0)).collect())
+    }
+    pub fn set(&self, i: u64, d: u64) {
+        self.0[i as usize].store(d, Ordering::Relaxed);
+    }
+    /// BLAKE3 over all digests in page order.
+    pub fn summary(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        let mut buf = Vec::with_capacity(64 * 1024);
+        for d in &self.0 {
+            buf.extend_from_slice(&d.load(Ordering::Relaxed).to_le_bytes());
+            if buf.len() >= 64 * 1024 {
+                h.update(&buf);
+                buf.clear();
+            }
+        }
+        h.update(&buf);
+        *h.finalize().as_bytes()
+    }
+}
+
+/// Encodes `(first_pfn, count)` ranges.
+fn encode_ranges(ranges: &[(u64, u64)]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(ranges.len() * 16);
+    for &(a, n) in ranges {
+        v.extend_from_slice(&a.to_le_bytes());
+        v.extend_from_slice(&n.to_le_bytes());
+    }
+    v
+}
+
+fn decode_ranges(payload: &[u8], what: &'static str) -> Result<Vec<(u64, u64)>, String> {
+    if payload.len() % 16 != 0 {
+        return Err(format!("malformed {what} frame"));
+    }
+    let v = wire::u64s(payload, what).map_err(|e| e.to_string())?;
+    Ok(v.chunks_exact(2).map(|c| (c[0], c[1])).collect())
+}
+
+/// Sends frame ranges (`(first_pfn, count)`) in as few frames as fit.
+pub fn send_ranges<W: Write>(fw: &mut FrameWriter<W>, kind: Kind, ranges: &[(u64, u64)]) -> Result<u64, String> {
+    let before = fw.bytes;
+    for chunk in ranges.chunks(RANGES_PER_FRAME) {
+        fw.send(kind, &encode_ranges(chunk)).map_err(|e| format!("sending {kind:?}: {e}"))?;
+    }
+    Ok(fw.bytes - before)
+}
+
+/// Marks a demand connection interactive: a priority-aware queue on the
+/// path (Linux `pfifo_fast`/`prio` bands, DSCP on a network) sends its
+/// packets before bulk traffic.
+pub fn mark_interactive(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let prio: libc::c_int = 6; // TC_PRIO_INTERACTIVE
+                               // SAFETY: setsockopt with a valid socket and a c_int option value of the
+                               // size given; it does not retain the pointer.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PRIORITY,
+            (&prio as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        log::debug!("SO_PRIORITY on the demand connection: {}", std::io::Error::last_os_error());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Source.
+// ---------------------------------------------------------------------------
+
+/// One push round: a label and the page indexes it sends, in order.
+pub struct Round {
+    pub name: String,
+    pub class: Option<u32>,
+    pub pages: Vec<u64>,
+}
+
+/// What the source's threads share during post-copy.
+pub struct Source {
+    pub mem: Arc<GuestMem>,
+    pub space: PageSpace,
+    /// Pages the destination has or was sent (data, zero or free).
+    pub sent: Bits,
+    /// Free pages (enlightened); never sent as data.
+    pub free: Bits,
+    pub digests: Digests,
+    pub demand_requests: AtomicU64,
+    pub demand_pages: AtomicU64,
+    pub demand_bytes: AtomicU64,
+    /// Demand pages that had been pushed already (in flight or queued).
+    pub demand_duplicates: AtomicU64,
+    pub free_pages_sent: AtomicU64,
+}
+
+impl Source {
+    pub fn new(mem: Arc<GuestMem>) -> Self {
+        let space = PageSpace::of(&mem);
+        let n = space.pages();
+        Self {
+            mem,
+            space,
+            sent: Bits::new(n),
+            free: Bits::new(n),
+            digests: Digests::new(n),
+            demand_requests: AtomicU64::new(0),
+            demand_pages: AtomicU64::new(0),
+            demand_bytes: AtomicU64::new(0),
+            demand_duplicates: AtomicU64::new(0),
+            free_pages_sent: AtomicU64::new(0),
+        }
+    }
+
+    /// Marks the free frames (runs of pfns) and returns the ranges clipped to RAM.
+    pub fn mark_free(&self, runs: impl Iterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        for (pfn, count) in runs {
+            for (first, n) in self.space.clip(pfn, count) {
+                for i in first..first + n {
+                    self.free.set(i);
+                    self.sent.set(i);
+                }
+                out.push((self.space.gpa(first) / PAGE, n));
+            }
+        }
+        out
+    }
+
+    fn read(&self, idx: u64, buf: &mut [u8]) -> Result<u64, String> {
+        let gpa = self.space.gpa(idx);
+        self.mem.read_slice(buf, GuestAddress(gpa)).map_err(|e| format!("reading page {gpa:#x}: {e}"))?;
+        Ok(gpa)
+    }
+
+    /// Answers demand requests on `conn` until it closes. Runs on its own thread.
+    pub fn serve_demand(&self, conn: TcpStream) -> Result<(), String> {
+        let mut fr = FrameReader::new(std::io::BufReader::new(conn.try_clone().map_err(|e| e.to_string())?));
+        let mut fw = FrameWriter::new(std::io::BufWriter::with_capacity(MAX_REQUEST * wire::PAGE_RECORD + 64, conn));
+        let mut out = Vec::with_capacity(MAX_REQUEST * wire::PAGE_RECORD);
+        let mut page = vec![0u8; PAGE as usize];
+        loop {
+            let f = match fr.recv() {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(format!("demand connection: {e}")),
+            };
+            match f.kind {
+                Kind::Request => {
+                    let gpas = wire::u64s(&f.payload, "request").map_err(|e| e.to_string())?;
+                    if gpas.is_empty() || gpas.len() > MAX_REQUEST {
+                        return Err(format!("a request for {} pages", gpas.len()));
+                    }
+                    self.demand_requests.fetch_add(1, Ordering::Relaxed);
+                    out.clear();
+                    for gpa in gpas {
+                        let idx = self.space.index(gpa).ok_or_else(|| format!("request for {gpa:#x}, not RAM"))?;
+                        self.read(idx, &mut page)?;
+                        self.digests.set(idx, page_digest(&page));
+                        if self.free.get(idx) {
+                            self.free_pages_sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if !self.sent.set(idx) {
+                            self.demand_duplicates.fetch_add(1, Ordering::Relaxed);
+                        }
+                        out.extend_from_slice(&gpa.to_le_bytes());
+                        out.extend_from_slice(&page);
+                        self.demand_pages.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let before = fw.bytes;
+                    fw.send(Kind::Pages, &out).map_err(|e| format!("demand connection: {e}"))?;
+                    fw.flush().map_err(|e| format!("demand connection: {e}"))?;
+                    self.demand_bytes.fetch_add(fw.bytes - before, Ordering::Relaxed);
+                }
+                Kind::Abort => return Err(format!("the destination aborted: {}", String::from_utf8_lossy(&f.payload))),
+                other => return Err(format!("unexpected {other:?} frame on the demand connection")),
+            }
+        }
+    }
+
+    /// Pushes the rounds over `fw`; returns per-round reports.
+    pub fn push<W: Write>(&self, rounds: &[Round], fw: &mut FrameWriter<W>, t0: Instant) -> Result<Value, String> {
+        let io = |e: wire::WireError| format!("pushing pages: {e}");
+        let mut reports = Vec::new();
+        let mut batch: Vec<u8> = Vec::with_capacity(PUSH_BATCH * wire::PAGE_RECORD);
+        let mut page = vec![0u8; PAGE as usize];
+        for (ri, round) in rounds.iter().enumerate() {
+            let t = Instant::now();
+            let start_ms = t0.elapsed().as_secs_f64() * 1000.0;
+            let before = fw.bytes;
+            let mut hdr = Vec::with_capacity(8);
+            hdr.extend_from_slice(&(ri as u32).to_le_bytes());
+            hdr.extend_from_slice(&round.class.unwrap_or(u32::MAX).to_le_bytes());
+            fw.send(Kind::Round, &hdr).map_err(io)?;
+            let (mut data, mut zero, mut skipped) = (0u64, 0u64, 0u64);
+            let mut zeros: Vec<(u64, u64)> = Vec::new();
+            for &idx in &round.pages {
+                if self.sent.get(idx) {
+                    skipped += 1;
+                    continue;
+                }
+                let gpa = self.read(idx, &mut page)?;
+                if is_zero(&page) {
+                    self.digests.set(idx, zero_digest());
+                    self.sent.set(idx);
+                    let pfn = gpa / PAGE;
+                    match zeros.last_mut() {
+                        Some((a, n)) if *a + *n == pfn => *n += 1,
+                        _ => zeros.push((pfn, 1)),
+                    }
+                    zero += 1;
+                    if zeros.len() >= RANGES_PER_FRAME {
+                        send_ranges(fw, Kind::Zero, &zeros)?;
+                        zeros.clear();
+                    }
+                    continue;
+                }
+                self.digests.set(idx, page_digest(&page));
+                if self.free.get(idx) {
+                    self.free_pages_sent.fetch_add(1, Ordering::Relaxed);
+                }
+                self.sent.set(idx);
+                batch.extend_from_slice(&gpa.to_le_bytes());
+                batch.extend_from_slice(&page);
+                data += 1;
+                if batch.len() >= PUSH_BATCH * wire::PAGE_RECORD {
+                    fw.send(Kind::Pages, &batch).map_err(io)?;
+                    batch.clear();
+                }
+            }
+            if !batch.is_empty() {
+                fw.send(Kind::Pages, &batch).map_err(io)?;
+                batch.clear();
+            }
+            if !zeros.is_empty() {
+                send_ranges(fw, Kind::Zero, &zeros)?;
+            }
+            fw.flush().map_err(io)?;
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            log::info!(
+                "post-copy round {ri} ({}): {data} pages, {zero} zero, {skipped} already there, {:.0} ms",
+                round.name,
+                ms
+            );
+            reports.push(json!({
+                "round": ri, "name": round.name, "pages": round.pages.len(), "data_pages": data,
+                "zero_pages": zero, "skipped": skipped, "bytes": fw.bytes - before,
+                "start_ms": start_ms, "ms": ms,
+            }));
+        }
+        Ok(Value::Array(reports))
+    }
+
+    /// The source's digest summary (valid once every page was sent).
+    pub fn summary(&self) -> [u8; 32] {
+        self.digests.summary()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Destination.
+// ---------------------------------------------------------------------------
+
+/// What the destination's threads share during post-copy.
+pub struct Dest {
+    pub pager: pager::Pager,
+    pub space: PageSpace,
+    pub digests: Digests,
+    /// Requested pages and when the first fault on each was seen.
+    pending: Mutex<HashMap<u64, Instant>>,
+    latencies_us: Mutex<Vec<u64>>,
+    pub done: AtomicBool,
+    pub failed: Mutex<Option<String>>,
+    pub push_pages: AtomicU64,
+    pub demand_pages: AtomicU64,
+    pub zero_pages: AtomicU64,
+    pub free_pages: AtomicU64,
+    pub requests: AtomicU64,
+    pub resumed_at: Mutex<Option<Instant>>,
+    pub completed_at: Mutex<Option<Instant>>,
+    /// (unix ms, ops) samples of the guest's progress.
+    pub timeline: Arc<Mutex<Vec<(u64, u64)>>>,
+    /// Ends the sampling.
+    pub sampling_done: Arc<AtomicBool>,
+}
+
+impl Dest {
+    /// Registers all of `mem` with userfaultfd. Nothing may have touched it.
+    pub fn register(mem: &GuestMem) -> Result<Self, String> {
+        let mut regions = Vec::new();
+        for r in mem.iter() {
+            let host = mem.get_host_address(r.start_addr()).map_err(|e| format!("guest memory: {e}"))?;
+            regions.push(pager::Region {
+                guest_base: r.start_addr().0,
+                host_addr: host as usize,
+                len: r.len() as usize,
+            });
+        }
+        // SAFETY: the regions are the VM's guest RAM mappings, which live as
+        // long as the VM (the caller keeps `mem` alive as long as the pager)
+        // and are not accessed before registration.
+        let pager = unsafe { pager::Pager::register(&regions) }.map_err(|e| e.to_string())?;
+        let space = PageSpace::of(mem);
+        let n = space.pages();
+        Ok(Self {
+            pager,
+            space,
+            digests: Digests::new(n),
+            pending: Mutex::new(HashMap::new()),
+            latencies_us: Mutex::new(Vec::new()),
+            done: AtomicBool::new(false),
+            failed: Mutex::new(None),
+            push_pages: AtomicU64::new(0),
+            demand_pages: AtomicU64::new(0),
+            zero_pages: AtomicU64::new(0),
+            free_pages: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            resumed_at: Mutex::new(None),
+            completed_at: Mutex::new(None),
+            timeline: Arc::new(Mutex::new(Vec::new())),
+            sampling_done: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    fn fail(&self, e: String) {
+        log::error!("post-copy: {e}");
+        let mut f = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            *f = Some(e);
+        }
+    }
+
+    /// Maps `(first_pfn, count)` ranges as zero (free or zero pages).
+    pub fn install_ranges(&self, ranges: &[(u64, u64)], free: bool) -> Result<(), String> {
+        for &(pfn, count) in ranges {
+            let clipped = self.space.clip(pfn, count);
+            let total: u64 = clipped.iter().map(|c| c.1).sum();
+            if total != count {
+                return Err(format!("range of {count} pages at frame {pfn:#x} is not all RAM"));
+            }
+            for (first, n) in clipped {
+                let gpa = self.space.gpa(first);
+                self.pager.install_zero(gpa, n * PAGE).map_err(|e| format!("mapping zero pages at {gpa:#x}: {e}"))?;
+                let d = if free { 0 } else { zero_digest() };
+                for i in first..first + n {
+                    self.digests.set(i, d);
+                }
+                let c = if free { &self.free_pages } else { &self.zero_pages };
+                c.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        self.resolve_pending_ranges(ranges);
+        Ok(())
+    }
+
+    fn resolve_pending_ranges(&self, ranges: &[(u64, u64)]) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if p.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut lat = Vec::new();
+        p.retain(|gpa, t| {
+            let pfn = gpa / PAGE;
+            let hit = ranges.iter().any(|&(a, n)| pfn >= a && pfn < a + n);
+            if hit {
+                lat.push(now.duration_since(*t).as_micros() as u64);
+            }
+            !hit
+        });
+        drop(p);
+        self.latencies_us.lock().unwrap_or_else(|e| e.into_inner()).extend(lat);
+    }
+
+    /// Installs the pages of a `Pages` payload.
+    fn install_pages(&self, payload: &[u8], demand: bool) -> Result<(), String> {
+        for (gpa, data) in wire::page_records(payload).map_err(|e| e.to_string())? {
+            let idx = self.space.index(gpa).ok_or_else(|| format!("page {gpa:#x} is not RAM"))?;
+            let d = page_digest(data);
+            let r = self.pager.install(gpa, data).map_err(|e| format!("installing page {gpa:#x}: {e}"))?;
+            if r == pager::Installed::New {
+                self.digests.set(idx, d);
+                if demand { &self.demand_pages } else { &self.push_pages }.fetch_add(1, Ordering::Relaxed);
+            }
+            let t = self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&gpa);
+            if let Some(t) = t {
+                self.latencies_us.lock().unwrap_or_else(|e| e.into_inner()).push(t.elapsed().as_micros() as u64);
+            }
+        }
+        Ok(())
+    }
+
+    /// Turns userfaultfd faults into requests on the demand connection.
+    pub fn fault_loop(&self, conn: TcpStream) {
+        let mut fw = FrameWriter::new(std::io::BufWriter::new(conn));
+        let mut req = Vec::with_capacity(MAX_REQUEST * 8);
+        while !self.done.load(Ordering::Acquire) {
+            let first = match self.pager.wait_fault(Duration::from_millis(50)) {
+                Ok(Some(gpa)) => gpa,
+                Ok(None) => continue,
+                Err(e) => return self.fail(format!("userfaultfd: {e}")),
+            };
+            req.clear();
+            let mut gpa = Some(first);
+            let now = Instant::now();
+            while let Some(g) = gpa {
+                let fresh = {
+                    let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    !self.pager.is_present(g) && p.insert(g, now).is_none()
+                };
+                if fresh {
+                    req.extend_from_slice(&g.to_le_bytes());
+                }
+                if req.len() / 8 >= MAX_REQUEST {
+                    break;
+                }
+                gpa = match self.pager.wait_fault(Duration::ZERO) {
+                    Ok(g) => g,
+                    Err(e) => return self.fail(format!("userfaultfd: {e}")),
+                };
+            }
+            if req.is_empty() {
+                continue;
+            }
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = fw.send(Kind::Request, &req).and_then(|_| fw.flush()) {
+                // Faulting vCPUs stay blocked; the rest of the VM runs on.
+                return self.fail(format!("demand connection: {e}"));
+            }
+        }
+    }
+
+    /// Installs demand answers until the connection closes.
+    pub fn demand_reader(&self, conn: TcpStream) {
+        let mut fr = FrameReader::new(std::io::BufReader::new(conn));
+        loop {
+            match fr.recv() {
+                Ok(Some(f)) if f.kind == Kind::Pages => {
+                    if let Err(e) = self.install_pages(&f.payload, true) {
+                        return self.fail(e);
+                    }
+                }
+                Ok(Some(f)) => return self.fail(format!("unexpected {:?} frame on the demand connection", f.kind)),
+                Ok(None) => return,
+                Err(e) => {
+                    if !self.done.load(Ordering::Acquire) {
+                        self.fail(format!("demand connection: {e}"));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads pushed pages until `Complete`, waits for the last demand
+    /// answers, unregisters the userfaultfd and acknowledges with the
+    /// integrity digest and the destination's statistics.
+    pub fn main_reader<R: Read>(&self, fr: &mut FrameReader<R>, mut main: TcpStream) -> Result<(), String> {
+        loop {
+            let f = fr.expect().map_err(|e| format!("main connection: {e}"))?;
+            match f.kind {
+                Kind::Pages => self.install_pages(&f.payload, false)?,
+                Kind::Zero => self.install_ranges(&decode_ranges(&f.payload, "zero")?, false)?,
+                Kind::Round => log::debug!("post-copy: round {:?}", &f.payload),
+                Kind::Complete => break,
+                Kind::Abort => return Err(format!("the source aborted: {}", String::from_utf8_lossy(&f.payload))),
+                other => return Err(format!("unexpected {other:?} frame during post-copy")),
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.pager.missing() > 0 {
+            if let Some(e) = self.failed.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                return Err(e);
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{} pages still missing after the source completed", self.pager.missing()));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        *self.completed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        self.done.store(true, Ordering::Release);
+        self.pager.unregister().map_err(|e| format!("unregistering the userfaultfd: {e}"))?;
+        let summary = self.digests.summary();
+        let mut fw = FrameWriter::new(&mut main);
+        fw.send(Kind::Ack, &summary).map_err(|e| format!("acknowledging: {e}"))?;
+        fw.flush().map_err(|e| e.to_string())?;
+        log::info!("post-copy: every page present; userfaultfd unregistered");
+        // A second of the guest's progress after completion, then the stats.
+        std::thread::sleep(Duration::from_millis(1000));
+        self.sampling_done.store(true, Ordering::Release);
+        let stats = self.stats();
+        fw.send(Kind::Info, stats.to_string().as_bytes()).map_err(|e| format!("sending statistics: {e}"))?;
+        fw.flush().map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Statistics for the source's report.
+    pub fn stats(&self) -> Value {
+        let mut lat = self.latencies_us.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        lat.sort_unstable();
+        let pct = |p: f64| -> f64 {
+            if lat.is_empty() {
+                return 0.0;
+            }
+            let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
+            lat[i] as f64 / 1000.0
+        };
+        let since = |t: Option<Instant>, u: Option<Instant>| match (t, u) {
+            (Some(a), Some(b)) => b.duration_since(a).as_secs_f64() * 1000.0,
+            _ => 0.0,
+        };
+        let resumed = *self.resumed_at.lock().unwrap_or_else(|e| e.into_inner());
+        let completed = *self.completed_at.lock().unwrap_or_else(|e| e.into_inner());
+        json!({
+            "faults": lat.len(),
+            "requests": self.requests.load(Ordering::Relaxed),
+            "push_pages": self.push_pages.load(Ordering::Relaxed),
+            "demand_pages": self.demand_pages.load(Ordering::Relaxed),
+            "zero_pages": self.zero_pages.load(Ordering::Relaxed),
+            "free_pages": self.free_pages.load(Ordering::Relaxed),
+            "fault_latency_ms": {
+                "count": lat.len(),
+                "p50": pct(0.50), "p90": pct(0.90), "p99": pct(0.99),
+                "max": lat.last().map(|&m| m as f64 / 1000.0).unwrap_or(0.0),
+                "mean": if lat.is_empty() { 0.0 } else { lat.iter().sum::<u64>() as f64 / lat.len() as f64 / 1000.0 },
+            },
+            "resume_to_complete_ms": since(resumed, completed),
+            "timeline": self.timeline.lock().unwrap_or_else(|e| e.into_inner())
+                .iter().map(|&(t, ops)| json!([t, ops])).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// Milliseconds since the Unix epoch (timelines of both hosts share it).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Samples the testbed guest's completed operations every 100 ms into
+/// `out` until `stop` is set.
+pub fn sample_progress(mem: Arc<GuestMem>, stop: Arc<AtomicBool>, out: Arc<Mutex<Vec<(u64, u64)>>>) {
+    let mut next = Instant::now();
+    while !stop.load(Ordering::Acquire) {
+        if let Some(s) = crate::testbed::read_stats(&mem) {
+            out.lock().unwrap_or_else(|e| e.into_inner()).push((unix_ms(), s.ops));
+        }
+        next += Duration::from_millis(100);
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        } else {
+            next = now;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_space_maps_indexes_across_the_hole() {
+        let mem = crate::memory::create(&crate::arch::ram_regions(4u64 << 30)).unwrap();
+        let s = PageSpace::of(&mem);
+        assert_eq!(s.pages(), (4u64 << 30) / PAGE);
+        let below = 0xC000_0000 / PAGE;
+        assert_eq!(s.gpa(below - 1), 0xC000_0000 - PAGE);
+        assert_eq!(s.gpa(below), 1 << 32);
+        assert_eq!(s.index(1 << 32), Some(below));
+        assert_eq!(s.index(0xC000_0000), None);
+        assert_eq!(s.index(0x1001), None);
+        // A frame range across the hole keeps only RAM.
+        let c = s.clip(below - 2, (1 << 20) + 4);
+        assert_eq!(c, vec![(below - 2, 2), (below, 2)]);
+    }
+
+    #[test]
+    fn bits_and_digests() {
+        let b = Bits::new(130);
+        assert!(b.set(129));
+        assert!(!b.set(129));
+        assert!(b.get(129) && !b.get(128));
+        let d = Digests::new(3);
+        let e = Digests::new(3);
+        d.set(1, zero_digest());
+        assert_ne!(d.summary(), e.summary());
+        e.set(1, page_digest(&[0u8; 4096]));
+        assert_eq!(d.summary(), e.summary());
+    }
+
+    #[test]
+    fn ranges_round_trip_and_reject_bad_lengths() {
+        let r = vec![(1, 2), (10, 1 << 20)];
+        assert_eq!(decode_ranges(&encode_ranges(&r), "zero").unwrap(), r);
+        assert!(decode_ranges(&[0u8; 8], "zero").is_err());
+    }
+}

@@ -1,0 +1,88 @@
+//! Post-copy and enlightened post-copy between two namespaces: the
+//! destination runs the VM before its memory has arrived.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use common::{api, path_str, spawn_piped, vmm_bin, wait_for_run_phase, wait_output, TempDir};
+use netsim::{NetnsPair, Side, DST_IP};
+
+const T: Duration = Duration::from_secs(300);
+
+fn spawn_in(pair: &NetnsPair, side: Side, args: &[&str]) -> Child {
+    let mut c = pair.command(side, vmm_bin());
+    c.args(args);
+    spawn_piped(c)
+}
+
+fn migrate_mode(sock: &Path, to: &str, key: &Path, mode: &str) -> (bool, serde_json::Value, String) {
+    let out = Command::new(vmm_bin())
+        .args(["migrate", "--api-sock", path_str(sock), "--to", to, "--mode", mode])
+        .args(["--key-file", path_str(key)])
+        .output()
+        .unwrap();
+    let v = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.success(), v, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Migrates a running guest with `mode`; checks the report, the integrity
+/// digests, and that the guest verifies its data and runs on at the
+/// destination. Returns the report.
+fn migrate_guest(mode: &str, spec: &str, mem: &str, vcpus: &str, rate: u64, port: u16) -> serde_json::Value {
+    let pair = NetnsPair::create(Some(rate)).unwrap();
+    let d = TempDir::new("mig-post");
+    let key = d.path("key");
+    std::fs::write(&key, b"0123456789abcdef-test-migration-key").unwrap();
+    let sock = d.path("src.sock");
+    let dst_sock = d.path("dst.sock");
+    let to = format!("{DST_IP}:{port}");
+    let dst = spawn_in(
+        &pair,
+        Side::Dst,
+        &["receive", "--listen", &to, "--key-file", path_str(&key), "--api-sock", path_str(&dst_sock)],
+    );
+    let src = spawn_in(
+        &pair,
+        Side::Src,
+        &["run", "--testbed", spec, "--mem", mem, "--vcpus", vcpus, "--api-sock", path_str(&sock)],
+    );
+    wait_for_run_phase(&sock);
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, report, err) = migrate_mode(&sock, &to, &key, mode);
+    assert!(ok, "{report} {err}");
+    assert_eq!(report["mode"], mode);
+    assert_eq!(report["integrity"]["match"], true, "{report}");
+    assert_eq!(report["free_pages_sent"], 0, "{report}");
+    let so = wait_output(src, T);
+    assert_eq!(so.code, Some(0), "{so}");
+    assert_eq!(so.json()["exit"], "migrated", "{so}");
+    let migrated_at = so.json()["ops"].as_u64().unwrap();
+    // The destination runs on, without errors, from where the source stopped.
+    let ops = wait_for_run_phase(&dst_sock);
+    std::thread::sleep(Duration::from_millis(1000));
+    let st = api(&dst_sock, "status");
+    assert_eq!(st["workload"]["errors"], 0, "{st}");
+    assert!(st["workload"]["ops"].as_u64().unwrap() > ops.max(migrated_at), "{st}");
+    assert_eq!(api(&dst_sock, "shutdown")["ok"], true);
+    let d_out = wait_output(dst, T);
+    assert_eq!(d_out.code, Some(0), "{d_out}");
+    assert_eq!(d_out.json()["errors"], 0, "pages were lost or stale after post-copy\n{report}\n{d_out}");
+    eprintln!("{mode} report: {report}");
+    report
+}
+
+#[test]
+fn postcopy_small() {
+    let r = migrate_guest("postcopy", "kv,share=20,value=512,stale=30", "256M", "2", 1_000_000_000, 7101);
+    assert!(r["bytes"]["push"].as_u64().unwrap() > 40 << 20, "{r}");
+}
+
+#[test]
+fn enlightened_small() {
+    let r = migrate_guest("enlightened", "kv,share=20,value=512,stale=30", "256M", "2", 1_000_000_000, 7102);
+    assert!(r["enlightenment_ms"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(r["pages"]["free"].as_u64().unwrap() > 0, "{r}");
+}
