@@ -207,7 +207,7 @@ fn receive(listen: &str, key_file: &std::path::Path, serial: &str, api_sock: Opt
     };
     log::info!("receive: waiting for a migration on {listen}");
     loop {
-        let vmm::migration::Incoming { mut stream, peer, mem, reader, postcopy, .. } =
+        let vmm::migration::Incoming { mut stream, peer, mem, reader, postcopy, integrity, .. } =
             vmm::migration::accept(&listener, &key);
         let cfg = VmConfig {
             mem_size: 0,
@@ -218,7 +218,7 @@ fn receive(listen: &str, key_file: &std::path::Path, serial: &str, api_sock: Opt
         };
         match Vm::create_incoming(cfg, mem, reader) {
             Ok(vm) => {
-                if let Err(e) = vmm::migration::confirm(&mut stream) {
+                if let Err(e) = vmm::migration::confirm(&mut stream, &integrity) {
                     // The source did not hear us: it keeps its VM; so must we not run ours.
                     eprintln!("vmm: could not confirm the migration to {peer}: {e}; discarding the VM");
                     if let Some(pc) = &postcopy {

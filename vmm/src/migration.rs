@@ -24,7 +24,7 @@ use migrate::wire::{self, Channel, FrameReader, Key, Kind};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::memory::{self, GuestMem};
-use crate::postcopy::Dest;
+use crate::postcopy::{page_digest, Dest, Digests, PageSpace};
 use crate::snapshot::{SnapshotConfig, SnapshotReader};
 
 /// Byte the destination sends once the VM is restored.
@@ -101,21 +101,28 @@ pub fn connect_channel(to: &str, key: &Key, channel: Channel) -> Result<TcpStrea
     Ok(stream)
 }
 
-/// Waits for the destination's confirmation that the VM is restored.
-pub fn await_confirmation(stream: &TcpStream) -> Result<(), String> {
+/// Waits for the destination's confirmation that the VM is restored; returns
+/// the digest of the memory it received (all zero in post-copy, where the
+/// memory follows).
+pub fn await_confirmation(stream: &TcpStream) -> Result<[u8; 32], String> {
     stream.set_read_timeout(Some(ACK_TIMEOUT)).map_err(|e| e.to_string())?;
-    let mut ack = [0u8; 1];
+    let mut ack = [0u8; 33];
     let mut s = stream;
-    s.read_exact(&mut ack).map_err(|e| format!("the destination did not confirm the restore: {e}"))?;
+    s.read_exact(&mut ack[..1]).map_err(|e| format!("the destination did not confirm the restore: {e}"))?;
     if ack[0] != ACK {
         return Err(format!("the destination answered {:#x} instead of confirming the restore", ack[0]));
     }
-    Ok(())
+    s.read_exact(&mut ack[1..]).map_err(|e| format!("the destination did not confirm the restore: {e}"))?;
+    Ok(ack[1..].try_into().expect("32 bytes"))
 }
 
-/// Tells the source the VM is restored: it may end its copy.
-pub fn confirm(stream: &mut TcpStream) -> std::io::Result<()> {
-    stream.write_all(&[ACK])?;
+/// Tells the source the VM is restored (it may end its copy), with the
+/// digest of the memory received.
+pub fn confirm(stream: &mut TcpStream, digest: &[u8; 32]) -> std::io::Result<()> {
+    let mut b = [0u8; 33];
+    b[0] = ACK;
+    b[1..].copy_from_slice(digest);
+    stream.write_all(&b)?;
     stream.flush()
 }
 
@@ -146,6 +153,9 @@ pub struct Incoming {
     pub reader: SnapshotReader,
     pub precopied_pages: u64,
     pub postcopy: Option<PostcopyIncoming>,
+    /// Digest of the memory received (stop-and-copy, pre-copy), compared by
+    /// the source with its memory at suspension.
+    pub integrity: [u8; 32],
 }
 
 /// The destination's half of a post-copy migration in progress: guest RAM
@@ -234,6 +244,8 @@ fn receive_stream(stream: &TcpStream, peer: SocketAddr, listener: &TcpListener, 
     let mut br = BufReader::with_capacity(1 << 20, stream.try_clone().map_err(|e| e.to_string())?);
     // Frames up to the switch-over; the snapshot stream follows in `br`.
     let mut postcopy: Option<(Arc<Dest>, String)> = None;
+    let space;
+    let digests;
     let (config, mem, precopied, next_seq) = {
         let mut fr = FrameReader::new(&mut br);
         let first = fr.expect().map_err(|e| e.to_string())?;
@@ -247,6 +259,8 @@ fn receive_stream(stream: &TcpStream, peer: SocketAddr, listener: &TcpListener, 
             return Err(format!("the incoming VM has {} vCPUs", config.vcpus));
         }
         let mem = memory::create(&crate::arch::ram_regions(config.mem_size)).map_err(|e| e.to_string())?;
+        space = PageSpace::of(&mem);
+        digests = Digests::filled(space.pages(), crate::postcopy::zero_digest());
         let mut precopied = 0;
         loop {
             let f = fr.expect().map_err(|e| e.to_string())?;
@@ -283,6 +297,9 @@ fn receive_stream(stream: &TcpStream, peer: SocketAddr, listener: &TcpListener, 
                         }
                         mem.write_slice(page, GuestAddress(gpa))
                             .map_err(|_| format!("page {gpa:#x} is outside the VM"))?;
+                        if let Some(i) = space.index(gpa) {
+                            digests.set(i, page_digest(page));
+                        }
                         precopied += 1;
                     }
                 }
@@ -299,15 +316,25 @@ fn receive_stream(stream: &TcpStream, peer: SocketAddr, listener: &TcpListener, 
     if reader.snapshot.config != config {
         return Err("the VM state does not match the announced configuration".into());
     }
+    let mut integrity = [0u8; 32];
     let postcopy = match postcopy {
-        None => None,
+        None => {
+            let mut on_page = |gpa: u64, page: &[u8]| {
+                if let Some(i) = space.index(gpa) {
+                    digests.set(i, page_digest(page));
+                }
+            };
+            reader.read_memory_and_take_rest(&mem, &mut on_page).map_err(|e| e.to_string())?;
+            integrity = digests.summary();
+            None
+        }
         Some((dest, mode)) => {
-            let (_, rest) = reader.read_memory_and_take_rest(&mem).map_err(|e| e.to_string())?;
+            let (_, rest) = reader.read_memory_and_take_rest(&mem, &mut |_, _| {}).map_err(|e| e.to_string())?;
             Some(PostcopyIncoming { dest, mode, rest: FrameReader::with_seq(rest, next_seq) })
         }
     };
     let stream = stream.try_clone().map_err(|e| e.to_string())?;
-    Ok(Incoming { stream, peer, mem: Arc::new(mem), reader, precopied_pages: precopied, postcopy })
+    Ok(Incoming { stream, peer, mem: Arc::new(mem), reader, precopied_pages: precopied, postcopy, integrity })
 }
 
 fn decode_ranges(payload: &[u8]) -> Result<Vec<(u64, u64)>, String> {

@@ -135,7 +135,22 @@ pub struct Digests(Vec<AtomicU64>);
 
 impl Digests {
     pub fn new(n: u64) -> Self {
-        Self((0..n).map(|_| AtomicU64::new(0)).collect())
+        Self::filled(n, 0)
+    }
+    pub fn filled(n: u64, v: u64) -> Self {
+        Self((0..n).map(|_| AtomicU64::new(v)).collect())
+    }
+    /// Digests of every page of `mem` as it is now.
+    pub fn of_memory(mem: &GuestMem) -> Self {
+        let space = PageSpace::of(mem);
+        let d = Self::new(space.pages());
+        let mut page = vec![0u8; PAGE as usize];
+        for i in 0..space.pages() {
+            if mem.read_slice(&mut page, GuestAddress(space.gpa(i))).is_ok() {
+                d.set(i, page_digest(&page));
+            }
+        }
+        d
     }
     pub fn set(&self, i: u64, d: u64) {
         self.0[i as usize].store(d, Ordering::Relaxed);

@@ -299,19 +299,24 @@ impl SnapshotReader {
     /// Reads guest memory into `mem` (which must have the snapshot's
     /// layout), verifying every region's checksum.
     pub fn read_memory(mut self, mem: &GuestMem) -> Result<u64, SnapshotError> {
-        self.read_memory_here(mem)
+        self.read_memory_here(mem, &mut |_, _| {})
     }
 
     /// Reads the memory sections now and hands back the rest of the stream
     /// (a post-copy migration continues with frames after them); a later
     /// `read_memory` does nothing.
-    pub fn read_memory_and_take_rest(&mut self, mem: &GuestMem) -> Result<(u64, Box<dyn Read + Send>), SnapshotError> {
-        let n = self.read_memory_here(mem)?;
+    /// `on_page(gpa, content)` sees every page written.
+    pub fn read_memory_and_take_rest(
+        &mut self,
+        mem: &GuestMem,
+        on_page: &mut dyn FnMut(u64, &[u8]),
+    ) -> Result<(u64, Box<dyn Read + Send>), SnapshotError> {
+        let n = self.read_memory_here(mem, on_page)?;
         self.memory_read = true;
         Ok((n, std::mem::replace(&mut self.r, Box::new(io::empty()))))
     }
 
-    fn read_memory_here(&mut self, mem: &GuestMem) -> Result<u64, SnapshotError> {
+    fn read_memory_here(&mut self, mem: &GuestMem, on_page: &mut dyn FnMut(u64, &[u8])) -> Result<u64, SnapshotError> {
         if self.memory_read {
             return Ok(0);
         }
@@ -337,6 +342,7 @@ impl SnapshotReader {
                 if bitmap[p / 8] & (1 << (p % 8)) != 0 {
                     read_exact(&mut self.r, &mut page, &path)?;
                     hash.update(&page);
+                    on_page(gpa + (p * PAGE) as u64, &page);
                     mem.write_slice(&page, GuestAddress(gpa + (p * PAGE) as u64))
                         .map_err(|e| SnapshotError::Other(format!("writing guest memory: {e}")))?;
                     loaded += 1;

@@ -318,9 +318,15 @@ impl Shared {
         })?;
         let final_bytes = counting.bytes;
         fw.flush().map_err(io)?;
-        crate::migration::await_confirmation(stream)?;
+        let dest_digest = crate::migration::await_confirmation(stream)?;
         let downtime = t_pause.elapsed().as_secs_f64() * 1000.0;
         let total = t0.elapsed().as_secs_f64() * 1000.0;
+        // The VM is still paused here: its memory is the memory at suspension.
+        let src_digest = crate::postcopy::Digests::of_memory(&self.mem).summary();
+        let integrity_ok = src_digest == dest_digest;
+        if !integrity_ok {
+            log::error!("migration: destination memory differs from the source's at suspension");
+        }
         let execution_transfer = if mode == Mode::Precopy { total } else { downtime };
         Ok(json!({
             "mode": mode.name(),
@@ -330,7 +336,14 @@ impl Shared {
             "total_duration_ms": total,
             "bytes": {"precopy": precopy_bytes, "stop_and_copy": final_bytes},
             "pages_at_switchover": final_pages,
+            "free_pages_sent": 0,
             "rounds": rounds,
+            "integrity": {
+                "match": integrity_ok,
+                "source": blake3::Hash::from(src_digest).to_hex().to_string(),
+                "destination": blake3::Hash::from(dest_digest).to_hex().to_string(),
+                "pages_compared": crate::postcopy::PageSpace::of(&self.mem).pages(),
+            },
         }))
     }
 

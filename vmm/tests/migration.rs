@@ -83,6 +83,7 @@ fn stop_and_copy_between_two_namespaces() {
     assert_eq!(report["mode"], "stop-and-copy");
     assert!(report["downtime_ms"].as_f64().unwrap() > 0.0);
     assert!(report["bytes"]["stop_and_copy"].as_u64().unwrap() > 50 << 20, "{report}");
+    assert_eq!(report["integrity"]["match"], true, "{report}");
     let so = wait_output(src, T);
     assert_eq!(so.code, Some(0), "{so}");
     assert_eq!(so.json()["exit"], "migrated", "{so}");
@@ -153,6 +154,7 @@ fn precopy(spec: &str, port: u16) {
     assert!(!report["rounds"].as_array().unwrap().is_empty(), "{report}");
     assert!(report["bytes"]["precopy"].as_u64().unwrap() > 0, "{report}");
     assert!(report["downtime_ms"].as_f64().unwrap() < report["total_duration_ms"].as_f64().unwrap(), "{report}");
+    assert_eq!(report["integrity"]["match"], true, "{report}");
     let so = wait_output(src, T);
     assert_eq!(so.code, Some(0), "{so}");
     assert_eq!(so.json()["exit"], "migrated", "{so}");
