@@ -120,7 +120,13 @@ pub struct Shared {
     pub exit_after_reply: Mutex<Option<ExitReason>>,
     /// API requests being handled.
     pub api_in_flight: std::sync::atomic::AtomicI32,
+    /// The testbed guest's progress, `(unix ms, ops)` every 100 ms, the
+    /// last [`PROGRESS_SAMPLES`] (migration reports carry them).
+    pub progress: Mutex<std::collections::VecDeque<(u64, u64)>>,
 }
+
+/// Progress samples kept (10 s).
+pub const PROGRESS_SAMPLES: usize = 100;
 
 impl Shared {
     pub fn kick_all(&self) {
@@ -338,6 +344,10 @@ impl Shared {
             "pages_at_switchover": final_pages,
             "free_pages_sent": 0,
             "rounds": rounds,
+            "timeline": {
+                "epoch_ms": crate::postcopy::unix_ms() - t0.elapsed().as_millis() as u64,
+                "source": self.progress_json(),
+            },
             "integrity": {
                 "match": integrity_ok,
                 "source": blake3::Hash::from(src_digest).to_hex().to_string(),
@@ -358,7 +368,6 @@ impl Shared {
     ) -> Result<Value, String> {
         use crate::postcopy::{self, Round, Source};
         use migrate::wire::{Channel, FrameReader, FrameWriter, Kind};
-        use std::sync::atomic::AtomicBool;
         let io = |e: migrate::wire::WireError| format!("sending: {e}");
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let writer = stream.try_clone().map_err(|e| e.to_string())?;
@@ -369,26 +378,12 @@ impl Shared {
         let demand = crate::migration::connect_channel(to, key, Channel::Demand)?;
         postcopy::mark_interactive(&demand);
 
-        // The guest's progress here, every 100 ms, until the switch-over.
-        let sampling = Arc::new(AtomicBool::new(false));
-        let src_timeline = Arc::new(Mutex::new(Vec::new()));
-        let sampler = {
-            let (m, s, t) = (self.mem.clone(), sampling.clone(), src_timeline.clone());
-            std::thread::spawn(move || postcopy::sample_progress(m, s, t))
-        };
-        let stop_sampler = || {
-            sampling.store(true, Ordering::Release);
-        };
-
         let source = Arc::new(Source::new(self.mem.clone()));
         let mut enlightenment = None;
         let mut enlightenment_ms = 0.0;
         if mode == Mode::Enlightened {
             let t = Instant::now();
-            let e = self.enlighten_prepare().map_err(|e| {
-                stop_sampler();
-                format!("enlightenment: {e}")
-            })?;
+            let e = self.enlighten_prepare().map_err(|e| format!("enlightenment: {e}"))?;
             enlightenment_ms = ms(t.elapsed());
             log::info!("enlightenment: {} ms, {}", enlightenment_ms.round(), e.summary());
             enlightenment = Some(e);
@@ -404,7 +399,6 @@ impl Shared {
                 paused_here = true;
             }
             let t_pause = Instant::now();
-            stop_sampler();
             let mut free_info = 0;
             if let Some(e) = &enlightenment {
                 let ranges = source.mark_free(e.free_bitmap().free_runs());
@@ -427,7 +421,6 @@ impl Shared {
             fw.flush().map_err(io)?;
             Ok((t_pause, suspension_ms, free_info, state_bytes, t_state))
         })();
-        let _ = sampler.join();
         let (t_pause, suspension_ms, free_info, state_bytes, t_state) = match pre {
             Ok(v) => v,
             Err(e) => {
@@ -534,7 +527,6 @@ impl Shared {
             );
             per_round.push(r.clone());
         }
-        let timeline = |v: &[(u64, u64)]| -> Vec<Value> { v.iter().map(|&(t, o)| json!([t, o])).collect() };
         let report = json!({
             "mode": mode.name(),
             "to": to,
@@ -571,7 +563,7 @@ impl Shared {
             },
             "timeline": {
                 "epoch_ms": crate::postcopy::unix_ms() - t0.elapsed().as_millis() as u64,
-                "source": timeline(&src_timeline.lock().unwrap_or_else(|e| e.into_inner())),
+                "source": self.progress_json(),
                 "destination": dest["timeline"].clone(),
             },
         });
@@ -677,6 +669,33 @@ impl Shared {
             "total_ms": ms(t0.elapsed()),
         });
         Ok(v)
+    }
+
+    /// Samples the testbed guest's progress every 100 ms until the VM ends.
+    fn sample_progress(&self) {
+        let mut next = Instant::now();
+        while self.control.exit_reason().is_none() {
+            if let Some(st) = testbed::read_stats(&self.mem) {
+                let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+                if p.len() == PROGRESS_SAMPLES {
+                    p.pop_front();
+                }
+                p.push_back((crate::postcopy::unix_ms(), st.ops));
+            }
+            next += Duration::from_millis(100);
+            let now = Instant::now();
+            if next > now {
+                std::thread::sleep(next - now);
+            } else {
+                next = now;
+            }
+        }
+    }
+
+    /// The progress samples as JSON `[[unix_ms, ops], ...]`.
+    pub fn progress_json(&self) -> Value {
+        let p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        Value::Array(p.iter().map(|&(t, o)| json!([t, o])).collect())
     }
 
     /// Guest-caused errors reported by all virtio devices.
@@ -1038,6 +1057,7 @@ impl Vm {
             enlighten,
             exit_after_reply: Mutex::new(None),
             api_in_flight: std::sync::atomic::AtomicI32::new(0),
+            progress: Mutex::new(std::collections::VecDeque::with_capacity(PROGRESS_SAMPLES)),
         });
         Ok(Self { _kvm: kvm, _fd: fd, vcpu_fds, pio: Arc::new(pio), mmio: Arc::new(mmio), shared, serial_line_start })
     }
@@ -1063,6 +1083,10 @@ impl Vm {
             };
             let t = vcpu::spawn(ctx)?;
             self.shared.threads.lock().unwrap_or_else(|e| e.into_inner()).push(t);
+        }
+        if self.shared.testbed.is_some() {
+            let shared = self.shared.clone();
+            std::thread::Builder::new().name("progress".into()).spawn(move || shared.sample_progress())?;
         }
         let reason = self.shared.control.wait_exit(None).unwrap_or(ExitReason::Shutdown);
         let threads = std::mem::take(&mut *self.shared.threads.lock().unwrap_or_else(|e| e.into_inner()));

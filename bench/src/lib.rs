@@ -1,0 +1,3 @@
+//! Benchmark harnesses shared by the `bench` binaries.
+
+pub mod migration;
