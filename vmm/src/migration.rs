@@ -288,7 +288,7 @@ fn receive_stream(stream: &TcpStream, peer: SocketAddr, listener: &TcpListener, 
                 }
                 Kind::FreeRanges => {
                     let dest = postcopy.as_ref().ok_or("free ranges outside a post-copy migration")?;
-                    dest.0.install_ranges(&decode_ranges(&f.payload)?, true)?;
+                    dest.0.install_ranges(&crate::postcopy::decode_ranges(&f.payload, "free ranges")?, true)?;
                 }
                 Kind::Pages => {
                     for (gpa, page) in wire::page_records(&f.payload).map_err(|e| e.to_string())? {
@@ -335,14 +335,6 @@ fn receive_stream(stream: &TcpStream, peer: SocketAddr, listener: &TcpListener, 
     };
     let stream = stream.try_clone().map_err(|e| e.to_string())?;
     Ok(Incoming { stream, peer, mem: Arc::new(mem), reader, precopied_pages: precopied, postcopy, integrity })
-}
-
-fn decode_ranges(payload: &[u8]) -> Result<Vec<(u64, u64)>, String> {
-    if payload.len() % 16 != 0 {
-        return Err("malformed free-ranges frame".into());
-    }
-    let v = wire::u64s(payload, "free ranges").map_err(|e| e.to_string())?;
-    Ok(v.chunks_exact(2).map(|c| (c[0], c[1])).collect())
 }
 
 /// Waits for a connection that authenticates and delivers a valid stream up

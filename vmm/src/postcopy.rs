@@ -181,7 +181,8 @@ fn encode_ranges(ranges: &[(u64, u64)]) -> Vec<u8> {
     v
 }
 
-fn decode_ranges(payload: &[u8], what: &'static str) -> Result<Vec<(u64, u64)>, String> {
+/// Decodes `(first_pfn, count)` ranges.
+pub fn decode_ranges(payload: &[u8], what: &'static str) -> Result<Vec<(u64, u64)>, String> {
     if payload.len() % 16 != 0 {
         return Err(format!("malformed {what} frame"));
     }

@@ -675,7 +675,10 @@ impl Shared {
     fn sample_progress(&self) {
         let mut next = Instant::now();
         while self.control.exit_reason().is_none() {
-            if let Some(st) = testbed::read_stats(&self.mem) {
+            // While paused (a migration's switch-over) the ring keeps the
+            // history before it.
+            let st = if self.control.is_paused() { None } else { testbed::read_stats(&self.mem) };
+            if let Some(st) = st {
                 let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
                 if p.len() == PROGRESS_SAMPLES {
                     p.pop_front();
