@@ -140,3 +140,72 @@ fn enlightened_small() {
     assert!(r["enlightenment_ms"].as_f64().unwrap() > 0.0, "{r}");
     assert!(r["pages"]["free"].as_u64().unwrap() > 0, "{r}");
 }
+
+/// A link broken after the switch-over: the destination's faulting vCPUs
+/// wait, nothing is lost, and the migration completes once the link is back
+/// (TCP keeps both connections through the outage).
+#[test]
+fn link_break_after_switchover_completes_when_the_link_returns() {
+    let pair = NetnsPair::create(Some(1_000_000_000)).unwrap();
+    let d = TempDir::new("mig-break");
+    let key = d.path("key");
+    std::fs::write(&key, b"0123456789abcdef-test-migration-key").unwrap();
+    let sock = d.path("src.sock");
+    let dst_sock = d.path("dst.sock");
+    let to = format!("{DST_IP}:7121");
+    let dst = spawn_in(
+        &pair,
+        Side::Dst,
+        &["receive", "--listen", &to, "--key-file", path_str(&key), "--api-sock", path_str(&dst_sock)],
+    );
+    let src = spawn_in(
+        &pair,
+        Side::Src,
+        &[
+            "run",
+            "--testbed",
+            "kv,share=20,value=1024,stale=40",
+            "--mem",
+            "1G",
+            "--vcpus",
+            "2",
+            "--api-sock",
+            path_str(&sock),
+        ],
+    );
+    wait_for_run_phase(&sock);
+    let report_path = d.path("report.json");
+    let mut mig = Command::new(vmm_bin())
+        .args(["migrate", "--api-sock", path_str(&sock), "--to", &to, "--mode", "enlightened"])
+        .args(["--key-file", path_str(&key), "--report", path_str(&report_path)])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The destination serves its API once the VM runs there.
+    let start = std::time::Instant::now();
+    while !dst_sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(60), "the switch-over never happened");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    pair.set_link(false).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    // Still migrating: the source has not finished.
+    assert!(mig.try_wait().unwrap().is_none(), "the migration ended while the link was down");
+    pair.set_link(true).unwrap();
+    let status = mig.wait().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    assert!(status.success(), "{report}");
+    assert_eq!(report["integrity"]["match"], true, "{report}");
+    assert!(report["total_duration_ms"].as_f64().unwrap() > 2000.0, "{report}");
+    let so = wait_output(src, T);
+    assert_eq!(so.json()["exit"], "migrated", "{so}");
+    std::thread::sleep(Duration::from_millis(500));
+    let st = api(&dst_sock, "status");
+    assert_eq!(st["workload"]["errors"], 0, "{st}");
+    assert_eq!(api(&dst_sock, "shutdown")["ok"], true);
+    let d_out = wait_output(dst, T);
+    assert_eq!(d_out.code, Some(0), "{d_out}");
+    assert_eq!(d_out.json()["errors"], 0, "{d_out}");
+    eprintln!("link break: total {} ms, faults {}", report["total_duration_ms"], report["fault_latency_ms"]);
+}
