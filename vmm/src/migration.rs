@@ -189,6 +189,11 @@ impl PostcopyIncoming {
         let (m, stop, tl) = (mem, dest.sampling_done.clone(), dest.timeline.clone());
         std::thread::spawn(move || crate::postcopy::sample_progress(m, stop, tl));
         let main = stream.try_clone().map_err(|e| e.to_string())?;
+        let d = dest.clone();
+        std::thread::Builder::new()
+            .name("postcopy-free".into())
+            .spawn(move || d.zero_free_pages())
+            .map_err(|e| e.to_string())?;
         std::thread::Builder::new()
             .name("postcopy-main".into())
             .spawn(move || {
@@ -288,7 +293,7 @@ fn receive_stream(stream: &TcpStream, peer: SocketAddr, listener: &TcpListener, 
                 }
                 Kind::FreeRanges => {
                     let dest = postcopy.as_ref().ok_or("free ranges outside a post-copy migration")?;
-                    dest.0.install_ranges(&crate::postcopy::decode_ranges(&f.payload, "free ranges")?, true)?;
+                    dest.0.note_free(&crate::postcopy::decode_ranges(&f.payload, "free ranges")?)?;
                 }
                 Kind::Pages => {
                     for (gpa, page) in wire::page_records(&f.payload).map_err(|e| e.to_string())? {

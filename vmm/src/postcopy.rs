@@ -430,6 +430,12 @@ pub struct Dest {
     pub demand_pages: AtomicU64,
     pub zero_pages: AtomicU64,
     pub free_pages: AtomicU64,
+    /// Free pages (enlightened): mapped as zero pages locally, on a fault
+    /// or by [`Dest::zero_free_pages`] after the VM resumed, never fetched.
+    free: Bits,
+    free_ranges: Mutex<Vec<(u64, u64)>>,
+    /// Faults on free pages, resolved locally.
+    pub free_faults: AtomicU64,
     pub requests: AtomicU64,
     pub resumed_at: Mutex<Option<Instant>>,
     pub completed_at: Mutex<Option<Instant>>,
@@ -469,6 +475,9 @@ impl Dest {
             demand_pages: AtomicU64::new(0),
             zero_pages: AtomicU64::new(0),
             free_pages: AtomicU64::new(0),
+            free: Bits::new(n),
+            free_ranges: Mutex::new(Vec::new()),
+            free_faults: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             resumed_at: Mutex::new(None),
             completed_at: Mutex::new(None),
@@ -482,6 +491,44 @@ impl Dest {
         let mut f = self.failed.lock().unwrap_or_else(|p| p.into_inner());
         if f.is_none() {
             *f = Some(e);
+        }
+    }
+
+    /// Notes free `(first_pfn, count)` ranges (before the switch-over).
+    /// Mapping 1.6 GiB of zero pages takes ~100 ms, which must not count as
+    /// downtime: they are mapped when faulted, or in the background.
+    pub fn note_free(&self, ranges: &[(u64, u64)]) -> Result<(), String> {
+        for &(pfn, count) in ranges {
+            let clipped = self.space.clip(pfn, count);
+            if clipped.iter().map(|c| c.1).sum::<u64>() != count {
+                return Err(format!("range of {count} pages at frame {pfn:#x} is not all RAM"));
+            }
+            for (first, n) in clipped {
+                for i in first..first + n {
+                    self.free.set(i);
+                }
+                self.free_pages.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        self.free_ranges.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(ranges);
+        Ok(())
+    }
+
+    /// Maps every free page as a zero page, 2 MiB at a time (the VM runs).
+    pub fn zero_free_pages(&self) {
+        let ranges = std::mem::take(&mut *self.free_ranges.lock().unwrap_or_else(|e| e.into_inner()));
+        for (pfn, count) in ranges {
+            for (first, n) in self.space.clip(pfn, count) {
+                let mut i = first;
+                while i < first + n {
+                    let step = (first + n - i).min(512);
+                    let gpa = self.space.gpa(i);
+                    if let Err(e) = self.pager.install_zero(gpa, step * PAGE) {
+                        return self.fail(format!("mapping free pages at {gpa:#x}: {e}"));
+                    }
+                    i += step;
+                }
+            }
         }
     }
 
@@ -559,6 +606,18 @@ impl Dest {
             let mut gpa = Some(first);
             let now = Instant::now();
             while let Some(g) = gpa {
+                if self.space.index(g).is_some_and(|i| self.free.get(i)) {
+                    // A free page: zero, here, without asking anyone.
+                    if let Err(e) = self.pager.install_zero(g, PAGE) {
+                        return self.fail(format!("mapping free page {g:#x}: {e}"));
+                    }
+                    self.free_faults.fetch_add(1, Ordering::Relaxed);
+                    gpa = match self.pager.wait_fault(Duration::ZERO) {
+                        Ok(g) => g,
+                        Err(e) => return self.fail(format!("userfaultfd: {e}")),
+                    };
+                    continue;
+                }
                 let fresh = {
                     let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
                     !self.pager.is_present(g) && p.insert(g, now).is_none()
@@ -673,6 +732,7 @@ impl Dest {
             "demand_pages": self.demand_pages.load(Ordering::Relaxed),
             "zero_pages": self.zero_pages.load(Ordering::Relaxed),
             "free_pages": self.free_pages.load(Ordering::Relaxed),
+            "free_faults": self.free_faults.load(Ordering::Relaxed),
             "fault_latency_ms": {
                 "count": lat.len(),
                 "p50": pct(0.50), "p90": pct(0.90), "p99": pct(0.99),

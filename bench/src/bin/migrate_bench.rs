@@ -15,6 +15,8 @@ fn main() -> ExitCode {
         ["stop-and-copy", "precopy", "postcopy", "enlightened"].iter().map(|s| s.to_string()).collect();
     let mut spec = "kv,share=20,value=1024,stale=40".to_string();
     let mut out = PathBuf::from("target/migrate-bench");
+    let mut with_qemu = true;
+    let mut vcpus = 1u32;
     let vmm = sibling_vmm();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -26,8 +28,14 @@ fn main() -> ExitCode {
             "--rates" => rates = val().split(',').filter_map(|s| s.parse().ok()).collect(),
             "--modes" => modes = val().split(',').map(str::to_owned).collect(),
             "--out" => out = PathBuf::from(val()),
+            "--no-qemu" => with_qemu = false,
+            "--vcpus" => vcpus = val().parse().unwrap_or(1),
             "-h" | "--help" => {
-                println!("migrate-bench [--mem 2G] [--spec {spec}] [--rates 1000,10000] [--modes ...] [--out DIR]");
+                println!(
+                    "migrate-bench [--mem 2G] [--spec {spec}] [--rates 1000,10000] [--modes ...] [--vcpus 1] [--no-qemu] [--out DIR]\n\
+                     Runs each mode of `vmm migrate` and (unless --no-qemu) QEMU 10's pre-copy and post-copy\n\
+                     (postcopy-preempt) on the same testbed guest and link; prints a table, writes JSON and SVG plots."
+                );
                 return ExitCode::SUCCESS;
             }
             other => {
@@ -46,7 +54,7 @@ fn main() -> ExitCode {
                 rate_bps: rate * 1_000_000,
                 spec: spec.clone(),
                 mem: mem.clone(),
-                vcpus: 2,
+                vcpus,
                 warmup_s: 2.0,
                 after_s: 3.0,
             };
@@ -64,6 +72,42 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("  failed: {e}");
                     rows.push(serde_json::json!({"mode": mode, "rate_gbps": rate as f64 / 1000.0, "error": e}));
+                }
+            }
+        }
+        if with_qemu {
+            let elf = match bench::qemu::testbed_image(&vmm, &out) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("migrate-bench: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            for postcopy in [false, true] {
+                port += 1;
+                let sc = Scenario {
+                    mode: String::new(),
+                    rate_bps: rate * 1_000_000,
+                    spec: spec.clone(),
+                    mem: mem.clone(),
+                    vcpus: 1,
+                    warmup_s: 2.0,
+                    after_s: 3.0,
+                };
+                let name = if postcopy { "qemu-postcopy" } else { "qemu-precopy" };
+                eprintln!("migrate-bench: {name} at {rate} Mbit/s ...");
+                match bench::qemu::run(&elf, &sc, postcopy, port, &out) {
+                    Ok(r) => {
+                        let _ = std::fs::write(out.join(format!("{name}-{rate}.json")), r.to_string());
+                        eprintln!("  {}", r);
+                        let mut row = r.clone();
+                        row.as_object_mut().map(|o| o.remove("qemu"));
+                        rows.push(row);
+                    }
+                    Err(e) => {
+                        eprintln!("  failed: {e}");
+                        rows.push(serde_json::json!({"mode": name, "rate_gbps": rate as f64 / 1000.0, "error": e}));
+                    }
                 }
             }
         }
