@@ -10,6 +10,8 @@
 //! Processes run inside a namespace with [`NetnsPair::command`] (`ip netns
 //! exec`); threads of this process can enter one with [`Side::spawn_in`].
 
+pub mod relay;
+
 use std::io;
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
