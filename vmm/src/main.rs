@@ -336,7 +336,44 @@ fn main() -> ExitCode {
             }
             let key_file = std::path::absolute(&key_file).unwrap_or(key_file);
             let req = serde_json::json!({"command": "migrate", "to": to, "mode": mode, "key_file": key_file});
-            match vmm::api::request_with_timeout(&api_sock, &req.to_string(), std::time::Duration::from_secs(3600)) {
+            // Progress on stderr while the migration runs.
+            let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let watcher = {
+                let (done, sock) = (done.clone(), api_sock.clone());
+                std::thread::spawn(move || {
+                    let mut last = String::new();
+                    while !done.load(std::sync::atomic::Ordering::Acquire) {
+                        std::thread::sleep(std::time::Duration::from_millis(1000));
+                        if done.load(std::sync::atomic::Ordering::Acquire) {
+                            break;
+                        }
+                        let Ok(st) = vmm::api::request_with_timeout(&sock, "status", std::time::Duration::from_secs(2))
+                        else {
+                            continue;
+                        };
+                        let m = &st["migration"];
+                        if m.is_null() {
+                            continue;
+                        }
+                        let line = format!(
+                            "migrate: {} {:.1} s, {:.0} MiB sent, {:.0} Mbit/s",
+                            m["phase"].as_str().unwrap_or("?"),
+                            m["elapsed_s"].as_f64().unwrap_or(0.0),
+                            m["bytes_sent"].as_f64().unwrap_or(0.0) / 1048576.0,
+                            m["mbit_s"].as_f64().unwrap_or(0.0)
+                        );
+                        if line != last {
+                            eprintln!("{line}");
+                            last = line;
+                        }
+                    }
+                })
+            };
+            let result =
+                vmm::api::request_with_timeout(&api_sock, &req.to_string(), std::time::Duration::from_secs(3600));
+            done.store(true, std::sync::atomic::Ordering::Release);
+            let _ = watcher.join();
+            match result {
                 Ok(v) => {
                     println!("{v}");
                     if let Some(path) = report {

@@ -126,6 +126,68 @@ pub fn confirm(stream: &mut TcpStream, digest: &[u8; 32]) -> std::io::Result<()>
     stream.flush()
 }
 
+/// A migration in progress, as `status` shows it.
+#[derive(Default)]
+pub struct Progress {
+    /// (mode, phase, start) of the migration; None when there is none.
+    pub phase: std::sync::Mutex<Option<(&'static str, String, std::time::Instant)>>,
+    /// Bytes written to the destination so far (all connections).
+    pub bytes: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Progress {
+    pub fn set(&self, mode: Mode, phase: &str) {
+        let mut p = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+        let start = p.as_ref().map(|x| x.2).unwrap_or_else(std::time::Instant::now);
+        *p = Some((mode.name(), phase.to_owned(), start));
+    }
+    pub fn start(&self, mode: Mode) {
+        self.bytes.store(0, std::sync::atomic::Ordering::Relaxed);
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((mode.name(), "connecting".into(), std::time::Instant::now()));
+    }
+    pub fn end(&self) {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+    pub fn json(&self) -> Option<serde_json::Value> {
+        let p = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+        let (mode, phase, start) = p.as_ref()?;
+        let secs = start.elapsed().as_secs_f64();
+        let bytes = self.bytes.load(std::sync::atomic::Ordering::Relaxed);
+        Some(serde_json::json!({
+            "mode": mode, "phase": phase, "elapsed_s": secs, "bytes_sent": bytes,
+            "mbit_s": bytes as f64 * 8.0 / secs.max(1e-3) / 1e6,
+        }))
+    }
+    /// A writer that counts into [`Self::bytes`].
+    pub fn counting<W: Write>(&self, inner: W) -> SharedCounting<W> {
+        SharedCounting { inner, counter: self.bytes.clone() }
+    }
+}
+
+/// Counts the bytes written through it into a shared counter.
+pub struct SharedCounting<W> {
+    inner: W,
+    counter: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<W> SharedCounting<W> {
+    pub fn new(inner: W, counter: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        Self { inner, counter }
+    }
+}
+
+impl<W: Write> Write for SharedCounting<W> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(b)?;
+        self.counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Counts the bytes written through it.
 pub struct Counting<W> {
     pub inner: W,

@@ -289,8 +289,9 @@ impl Source {
     }
 
     /// Answers demand requests on `conn` until it closes. Runs on its own thread.
-    pub fn serve_demand(&self, conn: TcpStream) -> Result<(), String> {
+    pub fn serve_demand(&self, conn: TcpStream, progress: Arc<AtomicU64>) -> Result<(), String> {
         let mut fr = FrameReader::new(std::io::BufReader::new(conn.try_clone().map_err(|e| e.to_string())?));
+        let conn = crate::migration::SharedCounting::new(conn, progress);
         let mut fw = FrameWriter::new(std::io::BufWriter::with_capacity(MAX_REQUEST * wire::PAGE_RECORD + 64, conn));
         let mut out = Vec::with_capacity(MAX_REQUEST * wire::PAGE_RECORD);
         let mut page = vec![0u8; PAGE as usize];

@@ -123,6 +123,8 @@ pub struct Shared {
     /// The testbed guest's progress, `(unix ms, ops)` every 100 ms, the
     /// last [`PROGRESS_SAMPLES`] (migration reports carry them).
     pub progress: Mutex<std::collections::VecDeque<(u64, u64)>>,
+    /// The migration in progress, if any.
+    pub migration: crate::migration::Progress,
 }
 
 /// Progress samples kept (10 s).
@@ -162,6 +164,16 @@ impl Shared {
     /// Migrates the VM to another VMM; on success the VM here ends and the
     /// report is returned. On failure the VM keeps running here.
     pub fn migrate(&self, to: &str, key: &migrate::wire::Key, mode: Mode) -> Result<Value, String> {
+        if self.migration.json().is_some() {
+            return Err("a migration is already in progress".into());
+        }
+        self.migration.start(mode);
+        let r = self.migrate_inner(to, key, mode);
+        self.migration.end();
+        r
+    }
+
+    fn migrate_inner(&self, to: &str, key: &migrate::wire::Key, mode: Mode) -> Result<Value, String> {
         let t0 = Instant::now();
         let stream = crate::migration::connect(to, key)?;
         if matches!(mode, Mode::Postcopy | Mode::Enlightened) {
@@ -223,7 +235,7 @@ impl Shared {
         use migrate::wire::{FrameWriter, Kind};
         use vm_memory::{Bytes, GuestMemoryBackend};
         let io = |e: migrate::wire::WireError| format!("sending: {e}");
-        let mut fw = FrameWriter::new(std::io::BufWriter::with_capacity(1 << 20, stream));
+        let mut fw = FrameWriter::new(std::io::BufWriter::with_capacity(1 << 20, self.migration.counting(stream)));
         fw.send(Kind::Config, &serde_json::to_vec(&self.config).map_err(|e| e.to_string())?).map_err(io)?;
         let mut rounds = Vec::new();
         let mut dirty: Option<Vec<Vec<u64>>> = None;
@@ -281,6 +293,7 @@ impl Shared {
                     "dirty_after": dirty_pages, "expected_downtime_ms": expected_ms,
                 }));
                 log::info!("pre-copy round {round}: {sent} pages in {:.0} ms, {dirty_pages} dirty", secs * 1000.0);
+                self.migration.set(mode, &format!("pre-copy round {}", round + 1));
                 dirty = Some(d);
                 if expected_ms < PRECOPY_DOWNTIME_MS
                     || round + 1 >= PRECOPY_MAX_ROUNDS
@@ -293,6 +306,7 @@ impl Shared {
         let precopy_bytes = fw.bytes;
 
         // Switch over: pause, send state and the remaining pages.
+        self.migration.set(mode, "stop-and-copy");
         if let Some(r) = self.control.exit_reason() {
             return Err(format!("the VM ended during the migration ({r:?})"));
         }
@@ -371,7 +385,7 @@ impl Shared {
         let io = |e: migrate::wire::WireError| format!("sending: {e}");
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let writer = stream.try_clone().map_err(|e| e.to_string())?;
-        let mut fw = FrameWriter::new(std::io::BufWriter::with_capacity(1 << 20, writer));
+        let mut fw = FrameWriter::new(std::io::BufWriter::with_capacity(1 << 20, self.migration.counting(writer)));
         fw.send(Kind::Config, &serde_json::to_vec(&self.config).map_err(|e| e.to_string())?).map_err(io)?;
         fw.send(Kind::Info, json!({"mode": mode.name()}).to_string().as_bytes()).map_err(io)?;
         fw.flush().map_err(io)?;
@@ -382,6 +396,7 @@ impl Shared {
         let mut enlightenment = None;
         let mut enlightenment_ms = 0.0;
         if mode == Mode::Enlightened {
+            self.migration.set(mode, "enlightenment");
             let t = Instant::now();
             let e = self.enlighten_prepare().map_err(|e| format!("enlightenment: {e}"))?;
             enlightenment_ms = ms(t.elapsed());
@@ -394,6 +409,7 @@ impl Shared {
         let mut paused_here = false;
         let mut demand_thread = None;
         let pre = (|| -> Result<(Instant, f64, u64, u64, Instant), String> {
+            self.migration.set(mode, "switch-over");
             if !self.control.is_paused() {
                 self.pause()?;
                 paused_here = true;
@@ -415,7 +431,8 @@ impl Shared {
             fw.flush().map_err(io)?;
             let t_state = Instant::now();
             let (src, conn) = (source.clone(), demand.try_clone().map_err(|e| e.to_string())?);
-            demand_thread = Some(std::thread::spawn(move || src.serve_demand(conn)));
+            let counter = self.migration.bytes.clone();
+            demand_thread = Some(std::thread::spawn(move || src.serve_demand(conn, counter)));
             crate::migration::await_confirmation(&stream)?;
             fw.send(Kind::Go, &[]).map_err(io)?;
             fw.flush().map_err(io)?;
@@ -477,6 +494,7 @@ impl Shared {
                     .collect()
             }
         };
+        self.migration.set(mode, "post-copy push");
         let post = (|| -> Result<(Value, [u8; 32], Value, f64), String> {
             let rounds_report = source.push(&rounds, &mut fw, t0)?;
             fw.send(Kind::Complete, &[]).map_err(io)?;
@@ -733,6 +751,9 @@ impl ApiTarget for Shared {
         });
         if let Some(spec) = &self.testbed {
             v["workload"] = testbed::stats_json(spec, testbed::read_stats(&self.mem).as_ref());
+        }
+        if let Some(m) = self.migration.json() {
+            v["migration"] = m;
         }
         v
     }
@@ -1061,6 +1082,7 @@ impl Vm {
             exit_after_reply: Mutex::new(None),
             api_in_flight: std::sync::atomic::AtomicI32::new(0),
             progress: Mutex::new(std::collections::VecDeque::with_capacity(PROGRESS_SAMPLES)),
+            migration: Default::default(),
         });
         Ok(Self { _kvm: kvm, _fd: fd, vcpu_fds, pio: Arc::new(pio), mmio: Arc::new(mmio), shared, serial_line_start })
     }
