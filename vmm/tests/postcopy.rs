@@ -209,3 +209,71 @@ fn link_break_after_switchover_completes_when_the_link_returns() {
     assert_eq!(d_out.json()["errors"], 0, "{d_out}");
     eprintln!("link break: total {} ms, faults {}", report["total_duration_ms"], report["fault_latency_ms"]);
 }
+
+/// A destination that dies after the source suspended the VM and sent its
+/// state, before committing: the source resumes the VM unchanged, and the
+/// guest gets back the free frames it held for the enlightenment.
+#[test]
+fn destination_dying_before_the_commit_leaves_the_source_running() {
+    use migrate::wire::{accept_handshake, Channel, FrameReader, Key, Kind};
+    let d = TempDir::new("mig-die");
+    let key_file = d.path("key");
+    let key_bytes = b"0123456789abcdef-test-migration-key";
+    std::fs::write(&key_file, key_bytes).unwrap();
+    let sock = d.path("src.sock");
+    let src = spawn_piped({
+        let mut c = Command::new(vmm_bin());
+        c.args(["run", "--testbed", "kv,share=20,stale=20", "--mem", "256M", "--vcpus", "2", "--api-sock"]);
+        c.arg(&sock);
+        c
+    });
+    wait_for_run_phase(&sock);
+    for mode in ["enlightened", "postcopy"] {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let to = l.local_addr().unwrap().to_string();
+        let key = Key::derive(key_bytes);
+        // The fake destination: authenticates both connections, reads up to
+        // the switch-over and the VM state, then vanishes.
+        let fake = std::thread::spawn(move || {
+            let (mut main, _) = l.accept().unwrap();
+            accept_handshake(&mut main, &key, Channel::Main).unwrap();
+            let mut fr = FrameReader::new(std::io::BufReader::new(main.try_clone().unwrap()));
+            assert_eq!(fr.expect().unwrap().kind, Kind::Config);
+            let (mut demand, _) = l.accept().unwrap();
+            accept_handshake(&mut demand, &key, Channel::Demand).unwrap();
+            let mut kinds = Vec::new();
+            loop {
+                let f = fr.expect().unwrap();
+                kinds.push(f.kind);
+                if f.kind == Kind::Switchover {
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            drop(fr);
+            drop(main);
+            drop(demand);
+            kinds
+        });
+        let (ok, v, err) = migrate_mode(&sock, &to, &key_file, mode);
+        let kinds = fake.join().unwrap();
+        assert!(!ok, "{v}");
+        assert!(v["error"].as_str().unwrap_or("").contains("did not confirm"), "{v} {err}");
+        if mode == "enlightened" {
+            assert!(kinds.contains(&Kind::FreeRanges), "{kinds:?}");
+        }
+        // Running again, making progress, and (enlightened) the guest's held
+        // frames were given back: a new enlightenment round succeeds.
+        let st = api(&sock, "status");
+        assert_eq!(st["state"], "running", "{st}");
+        let before = st["workload"]["ops"].as_u64().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(api(&sock, "status")["workload"]["ops"].as_u64().unwrap() > before);
+        let e = api(&sock, "enlighten");
+        assert_eq!(e["ok"], true, "{e}");
+    }
+    assert_eq!(api(&sock, "shutdown")["ok"], true);
+    let o = wait_output(src, T);
+    assert_eq!(o.code, Some(0), "{o}");
+    assert_eq!(o.json()["errors"], 0, "{o}");
+}
