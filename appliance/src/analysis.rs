@@ -27,7 +27,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::chunk::ChunkKey;
+use crate::chunk::{ChunkKey, CHUNK_SIZE};
 use crate::trace::Trace;
 use crate::{Error, Result};
 
@@ -314,6 +314,36 @@ pub fn analyze(traces: &[Trace], bytes: &dyn Fn(ChunkKey) -> u64, params: &Analy
         index: HashMap::new(),
     }
     .finish())
+}
+
+/// Analyses every trace stored for an appliance and stores the result as
+/// its next knowledge version; chunk costs are their encoded sizes in the
+/// store (zero and free chunks cost nothing). Returns the new version.
+pub fn analyze_appliance(store: &crate::store::Store, name: &str, params: &AnalysisParams) -> Result<(u64, Knowledge)> {
+    use crate::manifest::ChunkRef;
+    let mh = store.appliance(name)?;
+    let m = store.get_manifest(&mh)?;
+    let mut traces = Vec::new();
+    for b in store.traces(name)? {
+        match Trace::parse(&b) {
+            Ok(t) => traces.push(t),
+            Err(e) => log::warn!("analysis of `{name}`: skipping a stored trace: {e}"),
+        }
+    }
+    if traces.is_empty() {
+        return Err(Error::NotFound(format!("traces of appliance `{name}` (run sessions first)")));
+    }
+    let bytes = |k: ChunkKey| match m.chunk(k) {
+        Some(ChunkRef::Data(h)) => {
+            std::fs::metadata(store.chunk_path(&h)).map(|md| md.len()).unwrap_or(CHUNK_SIZE as u64)
+        }
+        _ => 0,
+    };
+    let mut k = analyze(&traces, &bytes, params)?;
+    k.appliance = name.to_string();
+    k.manifest = mh.to_hex();
+    let v = store.put_knowledge(name, &k.to_bytes())?;
+    Ok((v, k))
 }
 
 #[cfg(test)]

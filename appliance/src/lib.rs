@@ -13,6 +13,8 @@
 //! - [`analysis`]: vTube's clustering analysis (thesis 3.2.2).
 //! - [`planner`]: dynamic streaming (equation 3.1, buffer vs stream) and the
 //!   baseline orders (VMTorrent profile order, demand only, full download).
+//! - [`session`]: a streaming session, the API `vmm stream`'s memory and
+//!   disk fault paths call.
 //! - [`sim`]: replays a trace against a link model and reports the metrics of
 //!   thesis Table 3.2; [`synth`] makes synthetic but realistic traces.
 
@@ -23,6 +25,7 @@ mod http;
 pub mod manifest;
 pub mod planner;
 pub mod server;
+pub mod session;
 pub mod sim;
 pub mod store;
 pub mod synth;

@@ -1,0 +1,354 @@
+//! A streaming session: what `vmm stream` calls from its fault paths.
+//!
+//! [`Session::start`] fetches the manifest and the latest knowledge, makes
+//! the initial buffering decision and delivers those clusters before it
+//! returns (the launch). Then every first access to a chunk goes through
+//! [`Session::read`]: zero and free chunks read as zero with no fetch;
+//! cached content is served locally (and, on a cluster's first access,
+//! sends a *streaming hint* to the planner); anything else is a demand
+//! fetch, which triggers the dynamic streaming decision for its cluster:
+//! the clusters to buffer are fetched before `read` returns (while
+//! [`Session::buffering`] is true, so other vCPUs can be held with
+//! [`Session::wait_resumed`]), the ones to stream go to a background
+//! prefetcher that always yields to demand fetches. Chunks outside every
+//! cluster are fetched alone. Each first access is recorded with the
+//! network wait subtracted; [`Session::finish`] uploads the trace.
+
+use std::collections::HashSet;
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::analysis::Knowledge;
+use crate::chunk::{ChunkHash, ChunkKey, CHUNK_SIZE};
+use crate::client::{Client, Priority};
+use crate::manifest::{ChunkRef, Manifest};
+use crate::planner::{self, Current, PlannerConfig};
+use crate::trace::{Trace, TraceHeader, TraceRecorder};
+use crate::{Error, Result};
+
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    pub planner: PlannerConfig,
+    /// Bandwidth assumed (bytes/s) until the client has measured it.
+    pub initial_bandwidth: f64,
+    /// Use the server's knowledge (false: demand fetch only).
+    pub use_knowledge: bool,
+    /// Free-form description stored with the trace.
+    pub params: serde_json::Value,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            planner: PlannerConfig::default(),
+            initial_bandwidth: 900_000.0,
+            use_knowledge: true,
+            params: serde_json::Value::Null,
+        }
+    }
+}
+
+/// What a session did so far.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct SessionStats {
+    /// Session start to the end of the initial buffering, s.
+    pub launch_s: f64,
+    pub accesses: u64,
+    pub zero_reads: u64,
+    pub cache_reads: u64,
+    /// Chunks demand-fetched outside buffering (misses).
+    pub misses: u64,
+    pub buffering_events: u64,
+    pub buffering_s: f64,
+    pub hints: u64,
+    /// Time spent waiting for the network on reads, s.
+    pub net_wait_s: f64,
+}
+
+struct State {
+    /// Clusters requested (buffered, queued for streaming, or all cached).
+    requested: Vec<bool>,
+    /// Clusters whose first access already ran the planner.
+    triggered: Vec<bool>,
+    stats: SessionStats,
+}
+
+pub struct Session {
+    client: Arc<Client>,
+    name: String,
+    manifest_hash: ChunkHash,
+    manifest: Manifest,
+    knowledge: Option<(u64, Knowledge)>,
+    cfg: SessionConfig,
+    recorder: TraceRecorder,
+    state: Mutex<State>,
+    buffering: (Mutex<bool>, Condvar),
+    prefetch_tx: Mutex<Option<Sender<Vec<ChunkHash>>>>,
+    prefetcher: Mutex<Option<JoinHandle<()>>>,
+    start: Instant,
+}
+
+impl Session {
+    /// Opens a session of appliance `name`; returns after the initial buffering.
+    pub fn start(client: Arc<Client>, name: &str, cfg: SessionConfig) -> Result<Arc<Self>> {
+        let start = Instant::now();
+        let manifest_hash = client.appliance(name)?;
+        let manifest = client.manifest(&manifest_hash)?;
+        let knowledge = if cfg.use_knowledge {
+            match client.knowledge(name) {
+                Ok((v, b)) => {
+                    let k = Knowledge::parse(&b)?;
+                    if k.manifest != manifest_hash.to_hex() {
+                        log::warn!(
+                            "knowledge version {v} of `{name}` was computed from traces of manifest {}, \
+                             not the current {manifest_hash}; using it anyway",
+                            k.manifest
+                        );
+                    }
+                    Some((v, k))
+                }
+                Err(Error::NotFound(_)) => None,
+                Err(e) => return Err(e),
+            }
+        } else {
+            None
+        };
+        let n = knowledge.as_ref().map_or(0, |(_, k)| k.clusters.len());
+        let (tx, rx) = channel::<Vec<ChunkHash>>();
+        let c2 = client.clone();
+        let prefetcher = std::thread::Builder::new()
+            .name("stream-prefetch".into())
+            .spawn(move || {
+                while let Ok(hashes) = rx.recv() {
+                    if let Err(e) = c2.fetch(&hashes, Priority::Prefetch) {
+                        log::warn!("prefetch of {} chunks: {e}", hashes.len());
+                    }
+                }
+            })
+            .map_err(|e| Error::Io { path: "prefetch thread".into(), source: e })?;
+        let s = Arc::new(Self {
+            client,
+            name: name.to_string(),
+            manifest_hash,
+            manifest,
+            knowledge,
+            cfg,
+            recorder: TraceRecorder::new(),
+            state: Mutex::new(State {
+                requested: vec![false; n],
+                triggered: vec![false; n],
+                stats: Default::default(),
+            }),
+            buffering: (Mutex::new(false), Condvar::new()),
+            prefetch_tx: Mutex::new(Some(tx)),
+            prefetcher: Mutex::new(Some(prefetcher)),
+            start,
+        });
+        // Clusters the cache already holds count as delivered.
+        if let Some((_, k)) = &s.knowledge {
+            let mut st = s.lock();
+            for (i, c) in k.clusters.iter().enumerate() {
+                st.requested[i] = c.keys().all(|key| match s.manifest.chunk(key) {
+                    Some(ChunkRef::Data(h)) => s.client.cache().contains(&h),
+                    _ => true,
+                });
+            }
+        }
+        s.decide(Current::Start, false)?;
+        s.lock().stats.launch_s = start.elapsed().as_secs_f64();
+        Ok(s)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn manifest_hash(&self) -> ChunkHash {
+        self.manifest_hash
+    }
+
+    pub fn knowledge_version(&self) -> Option<u64> {
+        self.knowledge.as_ref().map(|(v, _)| *v)
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn stats(&self) -> SessionStats {
+        self.lock().stats
+    }
+
+    /// Whether the VM should be paused (buffering in progress).
+    pub fn buffering(&self) -> bool {
+        *self.buffering.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Blocks while buffering is in progress (for vCPUs other than the faulting one).
+    pub fn wait_resumed(&self) {
+        let mut b = self.buffering.0.lock().unwrap_or_else(|e| e.into_inner());
+        while *b {
+            b = self.buffering.1.wait(b).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn set_buffering(&self, on: bool) {
+        *self.buffering.0.lock().unwrap_or_else(|e| e.into_inner()) = on;
+        self.buffering.1.notify_all();
+    }
+
+    fn hashes_of(&self, cluster: u32) -> Vec<ChunkHash> {
+        let Some((_, k)) = &self.knowledge else { return Vec::new() };
+        k.clusters[cluster as usize]
+            .keys()
+            .filter_map(|key| match self.manifest.chunk(key) {
+                Some(ChunkRef::Data(h)) => Some(h),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Runs the dynamic streaming decision; buffers synchronously, queues the rest.
+    fn decide(&self, current: Current, hint: bool) -> Result<()> {
+        let Some((_, k)) = &self.knowledge else { return Ok(()) };
+        let plan = {
+            let mut st = self.lock();
+            if let Current::Cluster(c) = current {
+                if std::mem::replace(&mut st.triggered[c as usize], true) {
+                    return Ok(());
+                }
+                if hint {
+                    st.stats.hints += 1;
+                }
+            }
+            let bw = self.client.bandwidth().unwrap_or(self.cfg.initial_bandwidth);
+            let requested = st.requested.clone();
+            let p = planner::plan(
+                k,
+                current,
+                hint,
+                &|c| if requested[c as usize] { 0 } else { k.clusters[c as usize].bytes.max(1) },
+                bw,
+                &self.cfg.planner,
+            );
+            for &c in p.buffer.iter().chain(p.stream.iter().map(|(c, _)| c)) {
+                st.requested[c as usize] = true;
+            }
+            p
+        };
+        let stream: Vec<ChunkHash> = plan.stream.iter().flat_map(|&(c, _)| self.hashes_of(c)).collect();
+        if !stream.is_empty() {
+            if let Some(tx) = self.prefetch_tx.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                let _ = tx.send(stream);
+            }
+        }
+        if !plan.buffer.is_empty() {
+            let buffer: Vec<ChunkHash> = plan.buffer.iter().flat_map(|&c| self.hashes_of(c)).collect();
+            let t0 = Instant::now();
+            self.set_buffering(true);
+            let res = self.client.fetch(&buffer, Priority::Demand);
+            self.set_buffering(false);
+            let waited = t0.elapsed();
+            self.recorder.add_net_wait(waited);
+            let mut st = self.lock();
+            st.stats.buffering_events += 1;
+            st.stats.buffering_s += waited.as_secs_f64();
+            st.stats.net_wait_s += waited.as_secs_f64();
+            res?;
+        }
+        Ok(())
+    }
+
+    /// The content of one chunk (4 KiB) on its access by the guest or a device.
+    /// `None` if `key` is outside the appliance.
+    pub fn read(&self, key: ChunkKey) -> Result<Option<Vec<u8>>> {
+        let Some(r) = self.manifest.chunk(key) else { return Ok(None) };
+        self.lock().stats.accesses += 1;
+        let h = match r {
+            ChunkRef::Zero | ChunkRef::Free => {
+                self.lock().stats.zero_reads += 1;
+                return Ok(Some(vec![0u8; CHUNK_SIZE]));
+            }
+            ChunkRef::Data(h) => h,
+        };
+        let cluster = self.knowledge.as_ref().and_then(|(_, k)| k.cluster_of(key));
+        if let Some(c) = self.client.cache().get(&h)? {
+            self.recorder.record(key);
+            self.lock().stats.cache_reads += 1;
+            if let Some(cl) = cluster {
+                self.decide(Current::Cluster(cl), true)?;
+            }
+            return Ok(Some(c));
+        }
+        let t0 = Instant::now();
+        let content = self.client.chunk(&h)?;
+        let waited = t0.elapsed();
+        self.recorder.add_net_wait(waited);
+        {
+            let mut st = self.lock();
+            st.stats.net_wait_s += waited.as_secs_f64();
+        }
+        let before = self.lock().stats.buffering_events;
+        if let Some(cl) = cluster {
+            self.decide(Current::Cluster(cl), false)?;
+        }
+        self.recorder.record(key);
+        let mut st = self.lock();
+        if st.stats.buffering_events == before {
+            st.stats.misses += 1;
+        }
+        Ok(Some(content))
+    }
+
+    /// Convenience for memory faults: the chunk holding guest physical address `gpa`.
+    pub fn read_mem(&self, gpa: u64) -> Result<Option<Vec<u8>>> {
+        self.read(ChunkKey::mem_gpa(gpa))
+    }
+
+    /// Convenience for the disk: the chunk holding byte `offset`.
+    pub fn read_disk(&self, offset: u64) -> Result<Option<Vec<u8>>> {
+        self.read(ChunkKey::disk_offset(offset))
+    }
+
+    /// Ends the session: stops prefetching and returns the trace; uploads it if `upload`.
+    pub fn finish(&self, upload: bool) -> Result<Trace> {
+        self.prefetch_tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = self.prefetcher.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            // The prefetcher ends after its current batch list.
+            let _ = t.join();
+        }
+        let trace = self.recorder.finish(TraceHeader {
+            appliance: self.name.clone(),
+            manifest: self.manifest_hash.to_hex(),
+            knowledge_version: self.knowledge_version(),
+            params: self.cfg.params.clone(),
+            ..Default::default()
+        });
+        if upload && !trace.accesses.is_empty() {
+            self.client.upload_trace(&trace)?;
+        }
+        Ok(trace)
+    }
+
+    /// Time since the session started.
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+}
+
+/// Every chunk hash the session may need, in manifest order (for a full download).
+pub fn all_data_hashes(m: &Manifest) -> Vec<ChunkHash> {
+    let mut seen = HashSet::new();
+    m.iter()
+        .filter_map(|(_, r)| match r {
+            ChunkRef::Data(h) if seen.insert(h) => Some(h),
+            _ => None,
+        })
+        .collect()
+}
