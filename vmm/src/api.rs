@@ -29,6 +29,10 @@ pub trait ApiTarget: Send + Sync {
     fn enlighten(&self) -> Result<Value, String> {
         Err("this VM has no enlightenment device".into())
     }
+    /// Cancels the migration in progress (only before its switch-over).
+    fn cancel_migration(&self) -> Result<(), String> {
+        Err("no migration is in progress".into())
+    }
     /// Called after each reply is written: requests that end the VM
     /// (shutdown, a completed migration) take effect here, so the client
     /// always receives its reply before the VMM exits.
@@ -119,10 +123,12 @@ pub fn handle(target: &dyn ApiTarget, line: &str) -> Value {
             }
             Err(e) => json!({"ok": false, "error": e}),
         },
+        "migrate-cancel" => done(target.cancel_migration()),
         other => json!({
             "ok": false,
             "error": format!(
-                "unknown command `{other}`; expected status, pause, resume, shutdown, snapshot PATH, migrate or enlighten"
+                "unknown command `{other}`; expected status, pause, resume, shutdown, snapshot PATH, migrate, \
+                 migrate-cancel or enlighten"
             ),
         }),
     }

@@ -12,6 +12,7 @@
 //! - [`api`]: the control socket.
 
 pub mod api;
+pub mod appliance_cmd;
 pub mod arch;
 pub mod bus;
 pub mod control;

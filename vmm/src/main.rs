@@ -110,6 +110,11 @@ enum Command {
         #[arg(long, short, value_name = "FILE")]
         output: PathBuf,
     },
+    /// Streamable appliances: create from a snapshot, serve, analyse traces.
+    Appliance {
+        #[command(subcommand)]
+        command: vmm::appliance_cmd::ApplianceCommand,
+    },
 }
 
 #[derive(Args)]
@@ -427,6 +432,7 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_INPUT)
             }
         },
+        Command::Appliance { command } => vmm::appliance_cmd::run(command),
         Command::TestbedImage { output } => match std::fs::write(&output, vmm::testbed::GUEST_ELF) {
             Ok(()) => {
                 println!("{}", output.display());

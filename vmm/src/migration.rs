@@ -133,6 +133,10 @@ pub struct Progress {
     pub phase: std::sync::Mutex<Option<(&'static str, String, std::time::Instant)>>,
     /// Bytes written to the destination so far (all connections).
     pub bytes: Arc<std::sync::atomic::AtomicU64>,
+    /// The operator asked to cancel (honoured until the switch-over).
+    pub cancel: std::sync::atomic::AtomicBool,
+    /// The switch-over is committed: cancelling would lose the VM.
+    pub committed: std::sync::atomic::AtomicBool,
 }
 
 impl Progress {
@@ -143,9 +147,34 @@ impl Progress {
     }
     pub fn start(&self, mode: Mode) {
         self.bytes.store(0, std::sync::atomic::Ordering::Relaxed);
+        self.cancel.store(false, std::sync::atomic::Ordering::Release);
+        self.committed.store(false, std::sync::atomic::Ordering::Release);
         *self.phase.lock().unwrap_or_else(|e| e.into_inner()) =
             Some((mode.name(), "connecting".into(), std::time::Instant::now()));
     }
+    /// Err if the operator cancelled.
+    pub fn check(&self) -> Result<(), String> {
+        if self.cancel.load(std::sync::atomic::Ordering::Acquire) {
+            Err("cancelled by the operator".into())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Asks the migration in progress to stop.
+    pub fn request_cancel(&self) -> Result<(), String> {
+        if self.phase.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+            return Err("no migration is in progress".into());
+        }
+        if self.committed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err("too late to cancel: the VM already runs at the destination and this VMM holds the pages it \
+                        still needs; the migration ends once they are delivered (restore the link if it is down)"
+                .into());
+        }
+        self.cancel.store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
     pub fn end(&self) {
         *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }

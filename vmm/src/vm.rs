@@ -248,6 +248,8 @@ impl Shared {
             let mut page = vec![0u8; 4096];
             let mut batch: Vec<u8> = Vec::with_capacity(crate::migration::PAGES_PER_FRAME * migrate::wire::PAGE_RECORD);
             for round in 0.. {
+                self.migration.check()?;
+                self.migration.set(mode, &format!("pre-copy round {round}"));
                 if let Some(r) = self.control.exit_reason() {
                     return Err(format!("the VM ended during the migration ({r:?})"));
                 }
@@ -272,6 +274,7 @@ impl Shared {
                         batch.extend_from_slice(&page);
                         sent += 1;
                         if batch.len() >= crate::migration::PAGES_PER_FRAME * migrate::wire::PAGE_RECORD {
+                            self.migration.check()?;
                             fw.send(Kind::Pages, &batch).map_err(io)?;
                             batch.clear();
                         }
@@ -293,7 +296,6 @@ impl Shared {
                     "dirty_after": dirty_pages, "expected_downtime_ms": expected_ms,
                 }));
                 log::info!("pre-copy round {round}: {sent} pages in {:.0} ms, {dirty_pages} dirty", secs * 1000.0);
-                self.migration.set(mode, &format!("pre-copy round {}", round + 1));
                 dirty = Some(d);
                 if expected_ms < PRECOPY_DOWNTIME_MS
                     || round + 1 >= PRECOPY_MAX_ROUNDS
@@ -306,6 +308,7 @@ impl Shared {
         let precopy_bytes = fw.bytes;
 
         // Switch over: pause, send state and the remaining pages.
+        self.migration.check()?;
         self.migration.set(mode, "stop-and-copy");
         if let Some(r) = self.control.exit_reason() {
             return Err(format!("the VM ended during the migration ({r:?})"));
@@ -409,6 +412,7 @@ impl Shared {
         let mut paused_here = false;
         let mut demand_thread = None;
         let pre = (|| -> Result<(Instant, f64, u64, u64, Instant), String> {
+            self.migration.check()?;
             self.migration.set(mode, "switch-over");
             if !self.control.is_paused() {
                 self.pause()?;
@@ -434,6 +438,8 @@ impl Shared {
             let counter = self.migration.bytes.clone();
             demand_thread = Some(std::thread::spawn(move || src.serve_demand(conn, counter)));
             crate::migration::await_confirmation(&stream)?;
+            self.migration.check()?;
+            self.migration.committed.store(true, Ordering::Release);
             fw.send(Kind::Go, &[]).map_err(io)?;
             fw.flush().map_err(io)?;
             Ok((t_pause, suspension_ms, free_info, state_bytes, t_state))
@@ -784,6 +790,9 @@ impl ApiTarget for Shared {
     }
     fn enlighten(&self) -> Result<Value, String> {
         Shared::enlighten(self)
+    }
+    fn cancel_migration(&self) -> Result<(), String> {
+        self.migration.request_cancel()
     }
     fn migrate(&self, req: &Value) -> Result<Value, String> {
         let to = req.get("to").and_then(Value::as_str).ok_or("migrate needs \"to\": \"HOST:PORT\"")?;

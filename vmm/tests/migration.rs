@@ -181,3 +181,45 @@ fn precopy_of_a_page_dirtying_guest() {
 fn precopy_of_a_kv_guest() {
     precopy("kv,share=20,value=512", 7004);
 }
+
+/// The operator cancels a pre-copy that is under way: the VM keeps running
+/// on the source, unchanged; a cancel with no migration is refused clearly.
+#[test]
+fn precopy_cancelled_by_the_operator() {
+    let pair = NetnsPair::create(Some(100_000_000)).unwrap();
+    let d = TempDir::new("mig-cancel");
+    let key = d.path("key");
+    std::fs::write(&key, b"0123456789abcdef-test-migration-key").unwrap();
+    let sock = d.path("src.sock");
+    let to = format!("{DST_IP}:7005");
+    let dst = spawn_in(&pair, Side::Dst, &["receive", "--listen", &to, "--key-file", path_str(&key)]);
+    let src = spawn_in(
+        &pair,
+        Side::Src,
+        &["run", "--testbed", "kv,share=20", "--mem", "512M", "--api-sock", path_str(&sock)],
+    );
+    wait_for_run_phase(&sock);
+    let c = api(&sock, "migrate-cancel");
+    assert_eq!(c["ok"], false, "{c}");
+    assert!(c["error"].as_str().unwrap().contains("no migration"), "{c}");
+    // 100 MiB of store at 100 Mbit/s: the first round alone takes ~8 s.
+    let mig = {
+        let (s, t, k) = (sock.clone(), to.clone(), key.clone());
+        std::thread::spawn(move || migrate_mode(&s, &t, &k, "precopy"))
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let st = api(&sock, "status");
+    assert!(st["migration"]["phase"].as_str().unwrap_or("").starts_with("pre-copy"), "{st}");
+    assert_eq!(api(&sock, "migrate-cancel")["ok"], true);
+    let (ok, v, _) = mig.join().unwrap();
+    assert!(!ok, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("cancelled by the operator"), "{v}");
+    let st = api(&sock, "status");
+    assert_eq!(st["state"], "running", "{st}");
+    assert!(st.get("migration").is_none(), "{st}");
+    assert_eq!(api(&sock, "shutdown")["ok"], true);
+    let o = wait_output(src, T);
+    assert_eq!(o.code, Some(0), "{o}");
+    assert_eq!(o.json()["errors"], 0, "{o}");
+    drop(dst);
+}
