@@ -9,6 +9,7 @@
 //! - [`linux`]: the Linux boot protocol (for hardware-KVM hosts).
 //! - [`migration`], [`postcopy`]: live migration (stop-and-copy, pre-copy,
 //!   post-copy, enlightened post-copy) between two VMMs.
+//! - [`stream`]: appliances: creating one from a snapshot, streaming a VM from one.
 //! - [`api`]: the control socket.
 
 pub mod api;
@@ -23,6 +24,7 @@ pub mod memory;
 pub mod migration;
 pub mod postcopy;
 pub mod snapshot;
+pub mod stream;
 pub mod testbed;
 pub mod vcpu;
 pub mod vm;

@@ -102,6 +102,32 @@ enum Command {
         /// status, pause, resume, shutdown or enlighten.
         command: String,
     },
+    /// Run a VM from a remote appliance before it has arrived: memory is fetched on first
+    /// access (userfaultfd), guided by the server's knowledge of earlier runs (vTube), through
+    /// a local content-addressed cache; the session's trace is uploaded when the VM ends.
+    /// Make appliances with `vmm appliance create`, serve them with `vmm appliance serve`.
+    Stream {
+        /// The appliance server, e.g. http://10.0.0.1:8080
+        url: String,
+        /// The appliance's name.
+        #[arg(long)]
+        name: String,
+        /// Local chunk cache, shared by sessions and appliances.
+        #[arg(long, value_name = "DIR", default_value = "~/.cache/vmm/chunks")]
+        cache: String,
+        /// Where the guest's serial output goes: stdout or a file.
+        #[arg(long, default_value = "stdout")]
+        serial: String,
+        /// Serve the control API on this Unix socket.
+        #[arg(long, value_name = "PATH")]
+        api_sock: Option<PathBuf>,
+        /// Ignore the server's knowledge: fetch on demand only (a baseline).
+        #[arg(long)]
+        demand_only: bool,
+        /// Do not upload this session's trace.
+        #[arg(long)]
+        no_upload: bool,
+    },
     /// Write the built-in testbed guest image (an ELF with a multiboot header) to a file,
     /// e.g. to boot it in QEMU: qemu-system-x86_64 -enable-kvm -kernel FILE -append kv,duration=5
     /// -device isa-debug-exit,iobase=0xf4,iosize=4
@@ -268,6 +294,40 @@ fn receive(listen: &str, key_file: &std::path::Path, serial: &str, api_sock: Opt
     }
 }
 
+/// `vmm stream`: runs a VM from a remote appliance.
+fn stream(
+    url: &str,
+    name: &str,
+    cache: &str,
+    serial: &str,
+    api_sock: Option<PathBuf>,
+    demand_only: bool,
+    upload: bool,
+) -> ExitCode {
+    let cache = match cache.strip_prefix("~/") {
+        Some(rest) => std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default().join(rest),
+        None => PathBuf::from(cache),
+    };
+    let cfg = appliance::session::SessionConfig {
+        use_knowledge: !demand_only,
+        params: serde_json::json!({"url": url, "demand_only": demand_only}),
+        ..Default::default()
+    };
+    let streamed = match vmm::stream::start(url, name, &cache, serial_out(serial), cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    log::info!("stream: `{name}` launched after {:.2} s", streamed.session.stats().launch_s);
+    let (vm, rest) = streamed.into_parts();
+    let code = serve_and_run(vm, api_sock);
+    let summary = rest.finish(upload);
+    eprintln!("stream: {summary}");
+    code
+}
+
 fn serve_and_run(vm: Vm, api_sock: Option<PathBuf>) -> ExitCode {
     let _api = match &api_sock {
         Some(path) => match vmm::api::ApiServer::start(path, vm.shared()) {
@@ -417,6 +477,9 @@ fn main() -> ExitCode {
                     ExitCode::from(EXIT_BAD_INPUT)
                 }
             }
+        }
+        Command::Stream { url, name, cache, serial, api_sock, demand_only, no_upload } => {
+            stream(&url, &name, &cache, &serial, api_sock, demand_only, !no_upload)
         }
         Command::Api { api_sock, command } => match vmm::api::request(&api_sock, &command) {
             Ok(v) => {

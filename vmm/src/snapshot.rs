@@ -296,6 +296,15 @@ impl SnapshotReader {
         Ok(Self { path: path.to_owned(), r, snapshot, memory_read: false })
     }
 
+    /// A snapshot whose memory comes from elsewhere (an appliance streamed
+    /// page by page): `read_memory` does nothing.
+    pub fn from_state(snapshot: Snapshot, name: &Path) -> Result<Self, SnapshotError> {
+        if snapshot.vcpus.len() != snapshot.config.vcpus as usize {
+            return Err(SnapshotError::Malformed { path: name.to_owned(), what: "vCPU count mismatch".into() });
+        }
+        Ok(Self { path: name.to_owned(), r: Box::new(io::empty()), snapshot, memory_read: true })
+    }
+
     /// Reads guest memory into `mem` (which must have the snapshot's
     /// layout), verifying every region's checksum.
     pub fn read_memory(mut self, mem: &GuestMem) -> Result<u64, SnapshotError> {

@@ -1,0 +1,189 @@
+//! `vmm stream`: running a VM from a remote appliance before it has arrived
+//! (appliances are made by `vmm appliance create`, `appliance_cmd.rs`).
+//!
+//! Streaming uses the same page-fault machinery as post-copy migration:
+//! guest RAM is registered with userfaultfd ([`pager::Pager`]) before the
+//! VM is created from the appliance's device state; fault threads resolve
+//! each first access through the appliance session (`appliance::session`:
+//! zero and free chunks without a fetch, the local content-addressed cache,
+//! demand fetches that drive vTube's buffering and streaming decisions).
+//! The disk is fetched in full before the VM starts for now (the virtio-blk
+//! fault path is the next step).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use appliance::session::{Session, SessionConfig};
+use appliance::Client;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::memory;
+use crate::snapshot::SnapshotReader;
+use crate::vm::{BootSource, SerialOut, Vm, VmConfig};
+
+/// Fault threads per streamed VM (faults of different vCPUs fetch in parallel).
+const FAULT_THREADS: usize = 4;
+
+/// A VM streamed from an appliance, ready to run.
+pub struct Streamed {
+    pub vm: Vm,
+    pub session: Arc<Session>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    pager: Arc<pager::Pager>,
+}
+
+/// The streaming machinery of a [`Streamed`] VM, apart from the VM.
+pub struct StreamRest {
+    pub session: Arc<Session>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    pager: Arc<pager::Pager>,
+}
+
+impl Streamed {
+    /// Splits the VM (to run) from the machinery (to finish afterwards).
+    pub fn into_parts(self) -> (Vm, StreamRest) {
+        let Streamed { vm, session, stop, threads, pager } = self;
+        (vm, StreamRest { session, stop, threads, pager })
+    }
+}
+
+impl StreamRest {
+    /// Stops the fault threads and ends the session (uploading its trace).
+    pub fn finish(self, upload: bool) -> serde_json::Value {
+        self.stop.store(true, Ordering::Release);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        let stats = self.session.stats();
+        let client = self.session.client().stats();
+        let trace = match self.session.finish(upload) {
+            Ok(t) => serde_json::json!({"accesses": t.accesses.len(), "uploaded": upload}),
+            Err(e) => serde_json::json!({"error": e.to_string()}),
+        };
+        serde_json::json!({
+            "session": stats,
+            "client": client,
+            "trace": trace,
+            "pages_missing": self.pager.missing(),
+        })
+    }
+}
+
+/// Starts streaming appliance `name` from `url`: the session (launch
+/// buffering included), guest RAM behind userfaultfd, the disk, the VM.
+pub fn start(url: &str, name: &str, cache: &Path, serial: SerialOut, cfg: SessionConfig) -> Result<Streamed, String> {
+    let client = Arc::new(Client::new(url, cache).map_err(|e| format!("appliance server {url}: {e}"))?);
+    let session = Session::start(client, name, cfg).map_err(|e| format!("appliance `{name}`: {e}"))?;
+    let m = session.manifest();
+    let snapshot: crate::snapshot::Snapshot = serde_json::from_slice(&m.device_state)
+        .map_err(|e| format!("appliance `{name}`: malformed device state: {e}"))?;
+    let mut reader = SnapshotReader::from_state(snapshot, Path::new(&format!("appliance {name}")))
+        .map_err(|e| format!("appliance `{name}`: device state: {e}"))?;
+    let config = reader.snapshot.config.clone();
+    let mem = Arc::new(memory::create(&crate::arch::ram_regions(config.mem_size)).map_err(|e| e.to_string())?);
+    let regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+    let manifest_regions: Vec<(u64, u64)> = m.regions.iter().map(|r| (r.gpa, r.size)).collect();
+    if regions != manifest_regions {
+        return Err(format!("appliance `{name}`: memory regions {manifest_regions:x?} do not match {regions:x?}"));
+    }
+    let mut pregions = Vec::new();
+    for r in mem.iter() {
+        let host = mem.get_host_address(r.start_addr()).map_err(|e| e.to_string())?;
+        pregions.push(pager::Region { guest_base: r.start_addr().0, host_addr: host as usize, len: r.len() as usize });
+    }
+    // SAFETY: the regions are the VM's fresh guest RAM mappings, untouched so
+    // far; `mem` lives in the VM, which outlives the pager's use (the fault
+    // threads end in `finish`, before the VM's memory is dropped by `main`).
+    let pager = Arc::new(unsafe { pager::Pager::register(&pregions) }.map_err(|e| e.to_string())?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for i in 0..FAULT_THREADS {
+        let (p, s, st) = (pager.clone(), session.clone(), stop.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("stream-fault-{i}"))
+                .spawn(move || serve_faults(&p, &s, &st))
+                .map_err(|e| e.to_string())?,
+        );
+    }
+
+    // The disk: fetched in full before the VM starts (for now).
+    if let Some(size) = m.disk_size {
+        let path = cache.join(format!("{name}-{}.disk", session.manifest_hash().to_hex()));
+        materialize_disk(&session, size, &path)?;
+        reader.snapshot.config.disks = vec![path];
+    } else {
+        reader.snapshot.config.disks.clear();
+    }
+    let cfg = VmConfig {
+        mem_size: 0,
+        vcpus: 1,
+        boot: BootSource::Restore { snapshot: PathBuf::from(format!("appliance {name}")) },
+        disks: Vec::new(),
+        serial,
+    };
+    let vm = Vm::create_incoming(cfg, mem, reader).map_err(|e| format!("creating the VM: {e}"))?;
+    Ok(Streamed { vm, session, stop, threads, pager })
+}
+
+fn serve_faults(pager: &pager::Pager, session: &Session, stop: &AtomicBool) {
+    while !stop.load(Ordering::Acquire) && pager.missing() > 0 {
+        let gpa = match pager.wait_fault(Duration::from_millis(50)) {
+            Ok(Some(g)) => g,
+            Ok(None) => continue,
+            Err(e) => {
+                log::error!("stream: userfaultfd: {e}");
+                return;
+            }
+        };
+        // Retry until the content arrives (a dead server stalls only the
+        // vCPUs that need it; the rest of the VM runs on).
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let r = match session.read_mem(gpa) {
+                Ok(Some(data)) => pager.install(gpa, &data),
+                Ok(None) => pager.install_zero(gpa, pager::PAGE_SIZE),
+                Err(e) => {
+                    log::warn!("stream: page {gpa:#x}: {e}; retrying in {delay:?}");
+                    if stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            if let Err(e) = r {
+                log::error!("stream: installing page {gpa:#x}: {e}");
+            }
+            break;
+        }
+    }
+}
+
+fn materialize_disk(session: &Session, size: u64, path: &Path) -> Result<(), String> {
+    let tmp = path.with_extension("disk.tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    f.set_len(size).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let mut off = 0;
+    while off < size {
+        let data = session.read_disk(off).map_err(|e| format!("disk chunk at {off:#x}: {e}"))?;
+        if let Some(d) = data {
+            if d.iter().any(|&b| b != 0) {
+                use std::io::{Seek, SeekFrom};
+                f.seek(SeekFrom::Start(off)).map_err(|e| e.to_string())?;
+                let n = (size - off).min(d.len() as u64) as usize;
+                f.write_all(&d[..n]).map_err(|e| e.to_string())?;
+            }
+        }
+        off += appliance::CHUNK_SIZE as u64;
+    }
+    f.sync_all().map_err(|e| e.to_string())?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
