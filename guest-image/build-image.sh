@@ -53,6 +53,12 @@ ldd /usr/bin/memcached | awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^\//) print 
   done
 chroot "$r" /usr/bin/memcached --version
 
+# The acceptance test's checker (std-only Rust, static).
+rustc --edition 2021 -O -C target-feature=+crt-static -o "$r/usr/bin/enlcheck" "$out/input/enlcheck.rs"
+{ chroot "$r" /usr/bin/enlcheck 2>&1 || true; } | grep -q usage
+mkdir -p "$r/usr/share/vmm"
+cp "$out/input/enlighten-accept.sh" "$r/usr/share/vmm/enlighten-accept.sh"
+
 # The module, init and identity files.
 cp "$out/enlighten.ko" "$r/lib/modules/enlighten.ko"
 cp "$out/input/init" "$r/init"

@@ -18,7 +18,8 @@
 //! `raw HEX` writes arbitrary bytes into the guest's next command buffer
 //! (bypassing the device's encoder) and reports the guest's reply decoded
 //! by `bitmap-abi` — the way to check that the guest module rejects
-//! malformed commands. Only allowed while the protocol is idle.
+//! malformed commands. Only allowed while no command of the device is
+//! outstanding (phase Idle or Ready).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -212,8 +213,11 @@ impl EnlightenBackend {
     /// Sends `msg` verbatim as the next command and waits for the guest's
     /// reply (raw bytes).
     pub fn send_raw(&self, msg: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, String> {
-        if self.handle.phase() != virtio_devices::Phase::Idle {
-            return Err(format!("raw messages need the protocol idle (phase {:?})", self.handle.phase()));
+        // No command of the device may be outstanding: its reply would be
+        // taken for the raw message's.
+        let phase = self.handle.phase();
+        if !matches!(phase, virtio_devices::Phase::Idle | virtio_devices::Phase::Ready) {
+            return Err(format!("raw messages need phase Idle or Ready (phase {phase:?})"));
         }
         {
             let mut g = self.lock();
@@ -255,6 +259,10 @@ impl VhostUserBackend for EnlightenBackend {
     fn acked_features(&self, features: u64) {
         let mut g = self.lock();
         g.acked_features = features;
+        // Not a reset: QEMU also sets the features again when a stopped VM
+        // continues. A host that sees the guest driver go away while it
+        // holds frames sends Abort (a new driver acknowledges it).
+        log::info!("enlighten-vhost: features {features:#x} acknowledged");
         if let Err(e) = g.dev.activate(features & wire::DEVICE_FEATURES) {
             log::error!("enlighten-vhost: activate: {}", e.0);
         }
@@ -265,6 +273,7 @@ impl VhostUserBackend for EnlightenBackend {
     }
 
     fn reset_device(&self) {
+        log::info!("enlighten-vhost: device reset");
         let mut g = self.lock();
         g.dev.reset();
         g.raw = RawState::default();

@@ -16,10 +16,12 @@
 //!    memory that is migrated, so a guest resumed elsewhere can still give
 //!    them back. A shrinker gives held pages back (and clears their bits)
 //!    while the maps are being built if the guest comes under memory
-//!    pressure; if it had to give back more than half, the module replies
-//!    `BACKED_OFF` and releases everything.
+//!    pressure, and before replying the module tops the reserve up again if
+//!    allocations racing with it ate into it (a partial map); if it had to
+//!    give back more than it kept, it replies `BACKED_OFF` and releases
+//!    everything.
 //! 2. **classifies** every frame into the **priority map** from the kernel's
-//!    own bookkeeping: kernel image -> Kernel; slab, reserved and other
+//!    own bookkeeping: kernel image (reserved part) -> Kernel; slab, reserved and other
 //!    allocated kernel pages -> Kernel_Allocated; page tables -> Page_Table;
 //!    LRU file pages -> File_Active / File_Inactive; frames mapped by a
 //!    process with a thread that ran within the active window -> User_Code
@@ -100,6 +102,9 @@ struct Stats {
     active_processes: u64,
     idle_processes: u64,
     map_extents: u64,
+    /// 1 from Ready until the held frames are given back (Done, Abort,
+    /// removal): the time a migrating VM is suspended.
+    holding: u64,
     class_counts: [u64; NUM_CLASSES],
     free_blob: bindings::debugfs_blob_wrapper,
     prio_blob: bindings::debugfs_blob_wrapper,
@@ -196,6 +201,8 @@ struct Dev {
     released_under_pressure: u64,
     /// Where the shrinker looks for held pages next (byte index).
     cursor: usize,
+    /// Pages the sweep leaves free above each zone's high watermark.
+    margin: i64,
     removing: bool,
 }
 
@@ -389,6 +396,7 @@ impl Dev {
         {
             let st = self.stats();
             st.held_pages = 0;
+            st.holding = 0;
             st.free_blob.size = 0;
             st.prio_blob.size = 0;
             st.free_blob.data = ptr::null_mut();
@@ -417,6 +425,9 @@ impl Dev {
             }
         }
         drop(maps);
+        // SAFETY: process context; moves the freed pages out of the per-CPU
+        // lists so they show in MemFree at once.
+        unsafe { bindings::enl_drain_pages() };
     }
 
     /// Takes free pages out of the buddy allocator into the free bitmap.
@@ -424,8 +435,12 @@ impl Dev {
         let dev: *mut Dev = self;
         // SAFETY: reads a counter.
         let total = unsafe { bindings::enl_totalram_pages() } as i64;
-        // Leave 1% of RAM (at least 1 MiB) above each zone's high watermark.
-        let margin = (total / 100).max(256);
+        // Leave 1/64 of RAM (at least 8 MiB, at most 128 MiB) above each
+        // zone's high watermark, so allocations racing with the sweep (and,
+        // in a guest that keeps running after Ready, until Done) find memory
+        // without reclaim.
+        let margin = (total / 64).clamp(2048, 32768);
+        self.margin = margin;
         let mut n = 0u64;
         for order in (0..=bindings::ENL_MAX_PAGE_ORDER).rev() {
             loop {
@@ -498,7 +513,10 @@ impl Dev {
             }
             let class = if info & pi::INVALID != 0 {
                 Class::MemoryIo
-            } else if pfn >= ts && pfn < ie {
+            } else if pfn >= ts && pfn < ie && info & pi::RESERVED != 0 {
+                // The kernel image (still reserved: the parts the kernel
+                // freed after boot, init and alignment gaps, are ordinary
+                // memory now).
                 Class::Kernel
             } else if info & pi::SLAB != 0 {
                 Class::KernelAllocated
@@ -626,7 +644,15 @@ impl Dev {
         let classified = self.classify(window_ms);
         let t2 = now_ns();
         // Freeze: from here on the shrinker leaves the held pages alone.
+        // First top the reserve up again if allocations that raced with
+        // the sweep and the classification ate into it (back off without
+        // waiting for reclaim): the guest keeps its reserve while it holds.
         let (held, released) = locked(dev, |d| {
+            if let Some(room) = d.reserve_room() {
+                if room < d.margin / 2 {
+                    d.give_back((d.margin - room) as u64);
+                }
+            }
             d.sweeping = false;
             (d.held, d.released_under_pressure)
         });
@@ -678,6 +704,7 @@ impl Dev {
         };
         let st = self.stats();
         st.readies += 1;
+        st.holding = 1;
         st.frames = frames;
         st.held_pages = held;
         st.pressure_released = released;
@@ -751,13 +778,19 @@ unsafe extern "C" fn shrink_count(s: *mut bindings::shrinker, _sc: *mut bindings
 unsafe extern "C" fn shrink_scan(s: *mut bindings::shrinker, sc: *mut bindings::shrink_control) -> c_ulong {
     // SAFETY: as in shrink_count; `sc` is the caller's control block.
     let (dev, want) = unsafe { ((*s).private_data.cast::<Dev>(), (*sc).nr_to_scan as u64) };
-    let freed = locked(dev, |d| {
-        if !d.sweeping {
-            return None;
-        }
-        let Some(m) = d.maps.as_mut() else { return None };
+    match locked(dev, |d| if d.sweeping { Some(d.give_back(want)) } else { None }) {
+        Some(n) => n as c_ulong,
+        None => !0, // SHRINK_STOP
+    }
+}
+
+impl Dev {
+    /// Gives up to `want` held pages back (clearing their bits) while the
+    /// maps are being built; call with `lock` held. Returns how many.
+    fn give_back(&mut self, want: u64) -> u64 {
+        let Some(m) = self.maps.as_mut() else { return 0 };
         let frames = m.frames;
-        let mut cursor = d.cursor;
+        let mut cursor = self.cursor;
         let map = m.free_map();
         let mut freed = 0u64;
         let mut scanned = 0usize;
@@ -779,14 +812,25 @@ unsafe extern "C" fn shrink_scan(s: *mut bindings::shrinker, sc: *mut bindings::
                 scanned += 1;
             }
         }
-        d.cursor = cursor % map.len().max(1);
-        d.held -= freed;
-        d.released_under_pressure += freed;
-        Some(freed)
-    });
-    match freed {
-        Some(n) => n as c_ulong,
-        None => !0, // SHRINK_STOP
+        self.cursor = cursor % map.len().max(1);
+        self.held -= freed;
+        self.released_under_pressure += freed;
+        freed
+    }
+
+    /// Free pages above the high watermark in the zone of the first held
+    /// page (the sweep stopped there at `margin`); call with `lock` held.
+    fn reserve_room(&mut self) -> Option<i64> {
+        let m = self.maps.as_mut()?;
+        let frames = m.frames;
+        let map = m.free_map();
+        let i = map.iter().position(|b| *b != 0)?;
+        let pfn = i as u64 * 8 + u64::from(map[i].trailing_zeros());
+        if pfn >= frames {
+            return None;
+        }
+        // SAFETY: `pfn` is a page we hold.
+        Some(unsafe { bindings::enl_zone_room(bindings::enl_pfn_to_page(pfn as c_ulong)) } as i64)
     }
 }
 
@@ -844,6 +888,7 @@ fn probe_inner(vdev: *mut bindings::virtio_device) -> Result {
             held: 0,
             released_under_pressure: 0,
             cursor: 0,
+            margin: 0,
             removing: false,
         },
         GFP_KERNEL,
@@ -1009,6 +1054,7 @@ fn create_debugfs(st: *mut Stats) -> *mut bindings::dentry {
         u64_file!("active_processes", active_processes);
         u64_file!("idle_processes", idle_processes);
         u64_file!("map_extents", map_extents);
+        u64_file!("holding", holding);
         let names = [
             kernel::c_str!("class_kernel"),
             kernel::c_str!("class_kernel_allocated"),
@@ -1060,6 +1106,7 @@ impl kernel::Module for Enlighten {
                 active_processes: 0,
                 idle_processes: 0,
                 map_extents: 0,
+                holding: 0,
                 class_counts: [0; NUM_CLASSES],
                 free_blob: bindings::debugfs_blob_wrapper { data: ptr::null_mut(), size: 0 },
                 prio_blob: bindings::debugfs_blob_wrapper { data: ptr::null_mut(), size: 0 },

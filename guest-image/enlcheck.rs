@@ -1,0 +1,314 @@
+// SPDX-License-Identifier: MIT OR GPL-2.0-only
+//! `enlcheck`: the guest-side checker of the enlightenment acceptance test
+//! (guest-module/tests/qemu-enlighten.sh). A static binary in the guest's
+//! root file system (built by build-image.sh with the chroot's rustc, std
+//! only). It checks the guest module's maps, read from debugfs, against the
+//! kernel's own views: /proc/kpageflags, /proc/PID/pagemap, /proc/iomem.
+//!
+//!   enlcheck fill PORT MIB            fill memcached on 127.0.0.1:PORT with MIB of values
+//!   enlcheck check MEMCACHED_PID IDLE_PID
+//!   enlcheck hog MIB SECS             allocate and touch MIB, free, repeat for SECS
+//!
+//! `check` prints `CHECK name=value` lines and `T-OK:`/`T-FAIL:` verdicts;
+//! it exits 1 if a hard check fails.
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::TcpStream;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+const DEBUGFS: &str = "/sys/kernel/debug/enlighten";
+// Class values (bitmap-abi/src/wire.rs).
+const KERNEL: u8 = 0;
+const KERNEL_ALLOCATED: u8 = 1;
+const PAGE_TABLE: u8 = 3;
+const USER_CODE: u8 = 4;
+const USER_DATA: u8 = 5;
+const FILE_ACTIVE: u8 = 6;
+const FILE_INACTIVE: u8 = 7;
+const FREE: u8 = 9;
+// /proc/kpageflags bits (include/uapi/linux/kernel-page-flags.h).
+const KPF_LRU: u64 = 1 << 5;
+const KPF_SLAB: u64 = 1 << 7;
+const KPF_BUDDY: u64 = 1 << 10;
+const KPF_MMAP: u64 = 1 << 11;
+const KPF_ANON: u64 = 1 << 12;
+const KPF_ZERO_PAGE: u64 = 1 << 24;
+const KPF_PGTABLE: u64 = 1 << 26;
+
+fn read_u64s(path: &str, first: u64, n: u64) -> std::io::Result<Vec<u64>> {
+    let mut f = fs::File::open(path)?;
+    f.seek(SeekFrom::Start(first * 8))?;
+    let mut buf = vec![0u8; (n * 8) as usize];
+    let mut got = 0;
+    while got < buf.len() {
+        let r = f.read(&mut buf[got..])?;
+        if r == 0 {
+            break;
+        }
+        got += r;
+    }
+    buf.truncate(got - got % 8);
+    Ok(buf.chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect())
+}
+
+fn read_num(name: &str) -> u64 {
+    fs::read_to_string(format!("{DEBUGFS}/{name}")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+}
+
+struct Maps {
+    frames: u64,
+    free: Vec<u8>,
+    prio: Vec<u8>,
+}
+
+impl Maps {
+    fn load() -> Result<Maps, String> {
+        let frames = read_num("frames");
+        let free = fs::read(format!("{DEBUGFS}/free_bitmap")).map_err(|e| format!("free_bitmap: {e}"))?;
+        let prio = fs::read(format!("{DEBUGFS}/priority_map")).map_err(|e| format!("priority_map: {e}"))?;
+        if frames == 0 || free.len() as u64 != frames.div_ceil(8) || prio.len() as u64 != frames.div_ceil(2) {
+            return Err(format!("maps of {} / {} bytes for {frames} frames", free.len(), prio.len()));
+        }
+        Ok(Maps { frames, free, prio })
+    }
+    fn is_free(&self, pfn: u64) -> bool {
+        pfn < self.frames && self.free[(pfn / 8) as usize] & (1 << (pfn % 8)) != 0
+    }
+    fn class(&self, pfn: u64) -> u8 {
+        if pfn >= self.frames {
+            return 255;
+        }
+        let b = self.prio[(pfn / 2) as usize];
+        if pfn % 2 == 0 {
+            b & 0xf
+        } else {
+            b >> 4
+        }
+    }
+}
+
+/// Present pages of a process: (pfn, exclusive anon?, vma executable?).
+fn process_pages(pid: u32) -> Result<Vec<(u64, bool, bool)>, String> {
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| format!("/proc/{pid}/maps: {e}"))?;
+    let pagemap = format!("/proc/{pid}/pagemap");
+    let mut out = Vec::new();
+    for line in maps.lines() {
+        let mut it = line.split_whitespace();
+        let range = it.next().unwrap_or("");
+        let perms = it.next().unwrap_or("");
+        let Some((a, b)) = range.split_once('-') else { continue };
+        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else { continue };
+        if line.ends_with("[vsyscall]") {
+            continue;
+        }
+        let entries = read_u64s(&pagemap, a / 4096, (b - a) / 4096).map_err(|e| format!("{pagemap}: {e}"))?;
+        for e in entries {
+            if e & (1 << 63) == 0 {
+                continue;
+            }
+            let pfn = e & ((1 << 55) - 1);
+            let exclusive_anon = e & (1 << 56) != 0 && e & (1 << 61) == 0;
+            out.push((pfn, exclusive_anon, perms.contains('x')));
+        }
+    }
+    Ok(out)
+}
+
+fn kernel_code_pfns() -> Option<(u64, u64)> {
+    let iomem = fs::read_to_string("/proc/iomem").ok()?;
+    for l in iomem.lines() {
+        if l.trim_end().ends_with(": Kernel code") {
+            let (r, _) = l.trim().split_once(" : ")?;
+            let (a, b) = r.split_once('-')?;
+            return Some((u64::from_str_radix(a, 16).ok()? / 4096, u64::from_str_radix(b, 16).ok()? / 4096 + 1));
+        }
+    }
+    None
+}
+
+fn pct(n: u64, d: u64) -> f64 {
+    if d == 0 {
+        100.0
+    } else {
+        n as f64 * 100.0 / d as f64
+    }
+}
+
+fn check(memcached: u32, idle: u32) -> Result<bool, String> {
+    let maps = Maps::load()?;
+    let mut ok = true;
+    let mut verdict = |good: bool, what: String| {
+        println!("{}: {what}", if good { "T-OK" } else { "T-FAIL" });
+        ok &= good;
+    };
+    let t = Instant::now();
+    let flags = read_u64s("/proc/kpageflags", 0, maps.frames).map_err(|e| format!("/proc/kpageflags: {e}"))?;
+    // 1. No free-marked frame is mapped, in the page cache, in slab or in the buddy allocator.
+    let (mut free, mut bad_mapped, mut bad_lru, mut bad_slab, mut bad_buddy, mut bad_pt) = (0u64, 0u64, 0, 0, 0, 0);
+    for (pfn, &f) in flags.iter().enumerate() {
+        if !maps.is_free(pfn as u64) {
+            continue;
+        }
+        free += 1;
+        bad_mapped += u64::from(f & (KPF_MMAP | KPF_ANON) != 0);
+        bad_lru += u64::from(f & KPF_LRU != 0);
+        bad_slab += u64::from(f & KPF_SLAB != 0);
+        bad_buddy += u64::from(f & KPF_BUDDY != 0);
+        bad_pt += u64::from(f & KPF_PGTABLE != 0);
+    }
+    println!("CHECK free_frames={free} free_mapped={bad_mapped} free_lru={bad_lru} free_slab={bad_slab} free_buddy={bad_buddy} free_pgtable={bad_pt}");
+    verdict(free > 0, format!("{free} frames marked free"));
+    verdict(
+        bad_mapped + bad_lru + bad_slab + bad_buddy + bad_pt == 0,
+        "no free-marked frame is mapped, in the page cache, in slab, in the buddy allocator or a page table".into(),
+    );
+    // 2. Classes against kpageflags.
+    let (mut pt, mut pt_ok, mut slab, mut slab_ok, mut cache, mut cache_ok) = (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+    for (pfn, &f) in flags.iter().enumerate() {
+        let c = maps.class(pfn as u64);
+        if f & KPF_PGTABLE != 0 {
+            pt += 1;
+            pt_ok += u64::from(c == PAGE_TABLE);
+        }
+        if f & KPF_SLAB != 0 {
+            slab += 1;
+            slab_ok += u64::from(c == KERNEL_ALLOCATED);
+        }
+        if f & KPF_LRU != 0 && f & KPF_ANON == 0 {
+            cache += 1;
+            cache_ok += u64::from(matches!(c, FILE_ACTIVE | FILE_INACTIVE | USER_CODE | USER_DATA));
+        }
+    }
+    println!("CHECK pgtable={pt} pgtable_as_page_table={pt_ok} ({:.1}%) slab={slab} slab_as_kernel_allocated={slab_ok} ({:.1}%) page_cache={cache} page_cache_as_file_or_user={cache_ok}", pct(pt_ok, pt), pct(slab_ok, slab));
+    // Page tables and slab pages created after the Prepare (by this checker
+    // and the test's shell) come from frames that were free then.
+    verdict(pct(pt_ok, pt) >= 90.0, format!("page-table pages are Page_Table ({pt_ok}/{pt})"));
+    verdict(pct(slab_ok, slab) >= 90.0, format!("slab pages are Kernel_Allocated ({slab_ok}/{slab})"));
+    // 3. Kernel text.
+    match kernel_code_pfns() {
+        Some((a, b)) => {
+            let n = b - a;
+            let k = (a..b).filter(|&p| maps.class(p) == KERNEL).count() as u64;
+            println!("CHECK kernel_code_pfns={a:#x}-{b:#x} kernel_code_as_kernel={k}/{n}");
+            verdict(k == n, format!("kernel text is Kernel ({k}/{n})"));
+        }
+        None => verdict(false, "no 'Kernel code' in /proc/iomem".into()),
+    }
+    // 4. memcached's resident pages are User_Code/User_Data.
+    // The shared zero page (kernel memory) backs untouched anonymous memory
+    // that was only read; it is not the process's page.
+    let zero = |p: u64| flags.get(p as usize).is_some_and(|f| f & KPF_ZERO_PAGE != 0);
+    let pages: Vec<_> = process_pages(memcached)?.into_iter().filter(|(p, _, _)| !zero(*p)).collect();
+    let mut other = [0u64; 16];
+    for (p, _, _) in &pages {
+        let c = maps.class(*p);
+        if !matches!(c, USER_CODE | USER_DATA) {
+            other[usize::from(c.min(15))] += 1;
+        }
+    }
+    println!("CHECK memcached_non_user_by_class={other:?}");
+    let mut shown = std::collections::BTreeMap::new();
+    for (p, _, x) in &pages {
+        if !matches!(maps.class(*p), USER_CODE | USER_DATA) {
+            *shown.entry((*p, *x)).or_insert(0u32) += 1;
+        }
+    }
+    for ((p, x), n) in shown.iter().take(6) {
+        println!("CHECK memcached_non_user pfn={p:#x} exec={x} mappings={n} class={} kpageflags={:#x}", maps.class(*p), flags.get(*p as usize).copied().unwrap_or(0));
+    }
+    let n = pages.len() as u64;
+    let user = pages.iter().filter(|(p, _, _)| matches!(maps.class(*p), USER_CODE | USER_DATA)).count() as u64;
+    let code = pages.iter().filter(|(p, _, _)| maps.class(*p) == USER_CODE).count() as u64;
+    let mc_free = pages.iter().filter(|(p, _, _)| maps.is_free(*p)).count() as u64;
+    println!("CHECK memcached_resident={n} memcached_user={user} ({:.2}%) memcached_user_code={code} memcached_free={mc_free}", pct(user, n));
+    verdict(n > 1000 && pct(user, n) >= 99.0, format!("memcached: {:.2}% of {n} resident pages are User_Code/User_Data", pct(user, n)));
+    verdict(mc_free == 0, "no memcached page is marked free".into());
+    // 5. The idle process's own pages are not in the active-process classes.
+    let idle_pages: Vec<_> = process_pages(idle)?.into_iter().filter(|(p, _, _)| !zero(*p)).collect();
+    let own: Vec<_> = idle_pages.iter().filter(|(_, excl, _)| *excl).collect();
+    let own_active = own.iter().filter(|(p, _, _)| matches!(maps.class(*p), USER_CODE | USER_DATA)).count();
+    println!("CHECK idle_resident={} idle_exclusive_anon={} idle_exclusive_in_active_classes={own_active}", idle_pages.len(), own.len());
+    verdict(!own.is_empty() && own_active == 0, format!("idle process: {own_active} of its {} own pages in active classes", own.len()));
+    let free_class = (0..maps.frames).filter(|&p| maps.class(p) == FREE).count() as u64;
+    verdict(free_class == free, format!("Free class ({free_class}) = free bitmap ({free})"));
+    println!("CHECK check_ms={}", t.elapsed().as_millis());
+    Ok(ok)
+}
+
+fn fill(port: u16, mib: u64) -> Result<(), String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    let value = vec![b'x'; 1000];
+    let n = mib * 1024;
+    let mut batch = Vec::with_capacity(1 << 20);
+    for i in 0..n {
+        batch.extend_from_slice(format!("set key{i} 0 0 {} noreply\r\n", value.len()).as_bytes());
+        batch.extend_from_slice(&value);
+        batch.extend_from_slice(b"\r\n");
+        if batch.len() > 512 * 1024 || i + 1 == n {
+            s.write_all(&batch).map_err(|e| format!("write: {e}"))?;
+            batch.clear();
+        }
+    }
+    s.write_all(format!("get key{}\r\nquit\r\n", n - 1).as_bytes()).map_err(|e| format!("write: {e}"))?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).map_err(|e| format!("read: {e}"))?;
+    if !reply.contains("VALUE") {
+        return Err(format!("last key not stored: {reply:?}"));
+    }
+    println!("filled {n} items of {} bytes", value.len());
+    Ok(())
+}
+
+fn hog(mib: usize, secs: u64) {
+    // Grows to `mib` in 1 MiB steps (so Prepares land while it allocates),
+    // holds, frees, repeats. Between Ready and Done (debugfs `holding`) it
+    // does not allocate: a migrating VM is suspended then (the test's host
+    // also stops QEMU, but only after a control round trip, while a TCG
+    // guest allocating at full speed would already have eaten the reserve
+    // the sweep leaves).
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut rounds = 0u64;
+    while Instant::now() < end {
+        let mut chunks: Vec<Vec<u8>> = Vec::new();
+        for _ in 0..mib {
+            while read_num("holding") != 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let mut v = vec![0u8; 1 << 20];
+            for i in (0..v.len()).step_by(4096) {
+                v[i] = 1;
+            }
+            chunks.push(v);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        rounds += 1;
+        std::thread::sleep(Duration::from_millis(500));
+        drop(chunks);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("hog: {rounds} rounds of {mib} MiB");
+}
+
+fn main() -> ExitCode {
+    let a: Vec<String> = std::env::args().collect();
+    let arg = |i: usize| a.get(i).cloned().unwrap_or_default();
+    let r = match arg(1).as_str() {
+        "fill" => fill(arg(2).parse().unwrap_or(11211), arg(3).parse().unwrap_or(32)).map(|_| true),
+        "check" => check(arg(2).parse().unwrap_or(0), arg(3).parse().unwrap_or(0)),
+        "hog" => {
+            hog(arg(2).parse().unwrap_or(128), arg(3).parse().unwrap_or(10));
+            Ok(true)
+        }
+        _ => Err("usage: enlcheck fill PORT MIB | check MEMCACHED_PID IDLE_PID | hog MIB SECS".into()),
+    };
+    match r {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            println!("T-FAIL: enlcheck: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
