@@ -331,7 +331,9 @@ pub fn analyze_appliance(store: &crate::store::Store, name: &str, params: &Analy
         }
     }
     if traces.is_empty() {
-        return Err(Error::NotFound(format!("traces of appliance `{name}` (run sessions first)")));
+        return Err(Error::Invalid(format!(
+            "appliance `{name}` has no stored traces yet; run streaming sessions first"
+        )));
     }
     let bytes = |k: ChunkKey| match m.chunk(k) {
         Some(ChunkRef::Data(h)) => {

@@ -105,6 +105,12 @@ impl Store {
         for d in ["chunks", "manifests", "appliances"] {
             fs::create_dir_all(root.join(d)).map_err(io_err(root.join(d)))?;
         }
+        for i in 0..256 {
+            let d = root.join("chunks").join(format!("{i:02x}"));
+            if !d.exists() {
+                fs::create_dir_all(&d).map_err(io_err(&d))?;
+            }
+        }
         Ok(Self { root })
     }
 
@@ -132,8 +138,6 @@ impl Store {
         if p.exists() {
             return Ok((h, 0));
         }
-        let dir = p.parent().unwrap();
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
         let enc = chunk::encode(content);
         atomic_write(&p, &enc, false)?;
         Ok((h, enc.len() as u64))
@@ -239,37 +243,81 @@ impl Store {
         let t0 = Instant::now();
         let mut b = ManifestBuilder::new(name, config, device_state);
         let mut rep = CreateReport::default();
-        let mut buf = vec![0u8; CHUNK_SIZE];
-        let put = |content: &[u8], rep: &mut CreateReport| -> Result<ChunkRef> {
-            if chunk::is_zero(content) {
-                rep.zero_chunks += 1;
-                return Ok(ChunkRef::Zero);
+        // Chunks are processed in batches, hashed, compressed and written by
+        // two threads (file creation dominates on ext4); the index keeps order.
+        const BATCH: usize = 2048;
+        let mut batch: Vec<u8> = Vec::with_capacity(BATCH * CHUNK_SIZE);
+        let flush = |batch: &mut Vec<u8>, rep: &mut CreateReport| -> Result<Vec<ChunkRef>> {
+            let n = batch.len() / CHUNK_SIZE;
+            let half = n.div_ceil(2) * CHUNK_SIZE;
+            let (a, bb) = batch.split_at(half.min(batch.len()));
+            let work = |part: &[u8]| -> Result<Vec<(ChunkRef, u64)>> {
+                part.chunks_exact(CHUNK_SIZE)
+                    .map(|c| {
+                        if chunk::is_zero(c) {
+                            Ok((ChunkRef::Zero, 0))
+                        } else {
+                            let (h, w) = self.put_chunk(c)?;
+                            Ok((ChunkRef::Data(h), w))
+                        }
+                    })
+                    .collect()
+            };
+            let (ra, rb) = std::thread::scope(|sc| {
+                let t = sc.spawn(|| work(bb));
+                (work(a), t.join().unwrap_or_else(|_| Err(Error::Invalid("chunk writer thread panicked".into()))))
+            });
+            batch.clear();
+            let mut out = Vec::with_capacity(n);
+            for (r, written) in ra?.into_iter().chain(rb?) {
+                match r {
+                    ChunkRef::Zero => rep.zero_chunks += 1,
+                    _ => {
+                        rep.data_chunks += 1;
+                        rep.input_bytes += CHUNK_SIZE as u64;
+                        if written > 0 {
+                            rep.new_chunks += 1;
+                            rep.stored_bytes += written;
+                        } else {
+                            rep.dedup_chunks += 1;
+                        }
+                    }
+                }
+                out.push(r);
             }
-            rep.data_chunks += 1;
-            rep.input_bytes += CHUNK_SIZE as u64;
-            let (h, written) = self.put_chunk(content)?;
-            if written > 0 {
-                rep.new_chunks += 1;
-                rep.stored_bytes += written;
-            } else {
-                rep.dedup_chunks += 1;
-            }
-            Ok(ChunkRef::Data(h))
+            Ok(out)
         };
+        let mut buf = vec![0u8; CHUNK_SIZE];
         for mut src in memory {
             b.begin_region(src.gpa, src.size)?;
             let label = format!("memory region {:#x}", src.gpa);
+            // Per chunk: Some(free) decided now; data chunks go through the batch.
+            let mut pending: Vec<bool> = Vec::with_capacity(BATCH);
+            let emit = |pending: &mut Vec<bool>, refs: Vec<ChunkRef>, b: &mut ManifestBuilder| -> Result<()> {
+                let mut it = refs.into_iter();
+                for is_free in pending.drain(..) {
+                    let r = if is_free { ChunkRef::Free } else { it.next().expect("one result per data chunk") };
+                    b.mem_chunk(r)?;
+                }
+                Ok(())
+            };
             for k in 0..src.size / CHUNK_SIZE as u64 {
                 src.data.read_exact(&mut buf).map_err(io_err(&label))?;
                 rep.mem_chunks += 1;
                 if free(src.gpa / CHUNK_SIZE as u64 + k) {
                     rep.free_chunks += 1;
-                    b.mem_chunk(ChunkRef::Free)?;
+                    pending.push(true);
                 } else {
-                    let r = put(&buf, &mut rep)?;
-                    b.mem_chunk(r)?;
+                    batch.extend_from_slice(&buf);
+                    pending.push(false);
+                }
+                if batch.len() >= BATCH * CHUNK_SIZE {
+                    let refs = flush(&mut batch, &mut rep)?;
+                    emit(&mut pending, refs, &mut b)?;
                 }
             }
+            let refs = flush(&mut batch, &mut rep)?;
+            emit(&mut pending, refs, &mut b)?;
         }
         if let Some(f) = disk {
             let size = f.metadata().map_err(io_err("disk"))?.len();
@@ -282,8 +330,12 @@ impl Store {
                 r.read_exact(&mut buf[..n]).map_err(io_err("disk"))?;
                 left -= n as u64;
                 rep.disk_chunks += 1;
-                let c = put(&buf, &mut rep)?;
-                b.disk_chunk(c)?;
+                batch.extend_from_slice(&buf);
+                if batch.len() >= BATCH * CHUNK_SIZE || left == 0 {
+                    for c in flush(&mut batch, &mut rep)? {
+                        b.disk_chunk(c)?;
+                    }
+                }
             }
         }
         let m = b.finish()?;
