@@ -505,3 +505,96 @@ impl Control {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_are_counted_and_cross_checked() {
+        let frames = 20u64;
+        let mut free = vec![0u8; wire::free_bitmap_len(frames) as usize];
+        let mut prio = vec![0u8; wire::priority_map_len(frames) as usize];
+        for pfn in 0..frames {
+            wire::set_class(&mut prio, pfn, Class::UserData).unwrap();
+        }
+        for pfn in 10..15 {
+            wire::set_free_bit(&mut free, pfn, true).unwrap();
+            wire::set_class(&mut prio, pfn, Class::Free).unwrap();
+        }
+        let v = summarize_maps(&free, &prio, frames).unwrap();
+        assert_eq!(v["free_frames"], 5);
+        assert_eq!(v["classes"]["free"], 5);
+        assert_eq!(v["classes"]["user_data"], 15);
+        assert_eq!(v["free_bit_without_free_class"], 0);
+        // A free bit on a frame of another class is reported.
+        wire::set_free_bit(&mut free, 3, true).unwrap();
+        let v = summarize_maps(&free, &prio, frames).unwrap();
+        assert_eq!(v["free_bit_without_free_class"], 1);
+        // Wrong sizes are rejected.
+        assert!(summarize_maps(&free[..1], &prio, frames).is_err());
+    }
+
+    #[test]
+    fn guest_replies_are_decoded_or_rejected_with_a_reason() {
+        let mut buf = [0u8; 64];
+        let n = wire::encode_error(7, wire::error_code::BAD_STATE, &mut buf).unwrap();
+        let v = describe_reply(&buf[..n]);
+        assert_eq!(v["ok"], true);
+        assert_eq!(v["kind"], "error");
+        assert_eq!(v["code"], 2);
+        assert_eq!(v["code_name"], "bad state");
+        let n = wire::encode_simple(Kind::Ack, 8, &mut buf).unwrap();
+        assert_eq!(describe_reply(&buf[..n])["kind"], "ack");
+        // Bad magic, truncated, wrong version, payload length.
+        let mut bad = buf[..n].to_vec();
+        bad[0] ^= 1;
+        let v = describe_reply(&bad);
+        assert_eq!(v["ok"], false);
+        assert!(v["error"].as_str().unwrap().contains("bad magic"), "{v}");
+        assert_eq!(describe_reply(&buf[..5])["ok"], false);
+        let mut bad = buf[..n].to_vec();
+        bad[4] = 9;
+        assert!(describe_reply(&bad)["error"].as_str().unwrap().contains("ABI version 9"));
+        let mut long = buf[..n].to_vec();
+        long.push(0);
+        assert!(describe_reply(&long)["error"].as_str().unwrap().contains("payload length"));
+    }
+
+    #[test]
+    fn hex() {
+        assert_eq!(hex_decode("00ff 10").unwrap(), vec![0, 255, 16]);
+        assert!(hex_decode("abc").is_err());
+        assert!(hex_decode("zz").is_err());
+    }
+
+    #[test]
+    fn control_commands_without_a_guest() {
+        let c = Control::new(EnlightenBackend::new(), Duration::from_millis(50));
+        let st = c.execute("status");
+        assert_eq!(st["ok"], true);
+        assert_eq!(st["phase"], "Idle");
+        assert_eq!(st["memory"], false);
+        for (cmd, needle) in [
+            ("bogus", "unknown command"),
+            ("", "empty command"),
+            ("prepare 0", "active window"),
+            ("prepare x", "window_ms"),
+            ("maps", "no maps"),
+            ("done", "needs Ready"),
+            ("raw zz", "hex"),
+            ("wait", "no Prepare"),
+        ] {
+            let r = c.execute(cmd);
+            assert_eq!(r["ok"], false, "{cmd}: {r}");
+            assert!(r["error"].as_str().unwrap().contains(needle), "{cmd}: {r}");
+        }
+        // A Prepare is queued (no guest: it waits for a buffer) and times out.
+        assert_eq!(c.execute("prepare 1000")["ok"], true);
+        let r = c.execute("wait 20");
+        assert!(r["error"].as_str().unwrap().contains("no Ready"), "{r}");
+        // Aborting an undelivered Prepare withdraws it.
+        assert_eq!(c.execute("abort")["ok"], true);
+        assert_eq!(c.execute("status")["phase"], "Idle");
+    }
+}

@@ -432,7 +432,6 @@ impl Dev {
 
     /// Takes free pages out of the buddy allocator into the free bitmap.
     fn sweep(&mut self) {
-        let dev: *mut Dev = self;
         // SAFETY: reads a counter.
         let total = unsafe { bindings::enl_totalram_pages() } as i64;
         // Leave 1/64 of RAM (at least 8 MiB, at most 128 MiB) above each
@@ -442,14 +441,30 @@ impl Dev {
         let margin = (total / 64).clamp(2048, 32768);
         self.margin = margin;
         let mut n = 0u64;
+        // Zone by zone: the allocator prefers the highest zone and falls
+        // back to lower ones only below their low watermark, which the
+        // margin keeps us from reaching; so sweep ZONE_NORMAL (and whatever
+        // an unrestricted allocation gets) first, then ZONE_DMA32 alone.
+        let dma32 = 1u32 << bindings::___GFP_DMA32_BIT;
+        for gfp in [bindings::ENL_GFP_SWEEP, bindings::ENL_GFP_SWEEP | dma32] {
+            if self.sweep_zone(gfp, margin, &mut n) {
+                return;
+            }
+        }
+    }
+
+    /// One sweep pass with allocation flags `gfp`; true if it stopped for
+    /// memory pressure.
+    fn sweep_zone(&mut self, gfp: bindings::gfp_t, margin: i64, n: &mut u64) -> bool {
+        let dev: *mut Dev = self;
         for order in (0..=bindings::ENL_MAX_PAGE_ORDER).rev() {
             loop {
                 if locked(dev, |d| d.released_under_pressure) > 0 {
                     // The shrinker ran: the guest needs memory. Stop.
-                    return;
+                    return true;
                 }
                 // SAFETY: allocation without reclaim; the result is checked.
-                let page = unsafe { bindings::alloc_pages(bindings::ENL_GFP_SWEEP, order) };
+                let page = unsafe { bindings::alloc_pages(gfp, order) };
                 if page.is_null() {
                     break;
                 }
@@ -480,12 +495,13 @@ impl Dev {
                     }
                     d.held += count;
                 });
-                n += 1;
-                if n % 32 == 0 {
+                *n += 1;
+                if *n % 32 == 0 {
                     cond_resched();
                 }
             }
         }
+        false
     }
 
     /// Builds the priority map (without the Free class).
