@@ -5,7 +5,10 @@
 //!   the cache; a chunk the cache has is never fetched again.
 //! - Demand fetches and prefetches use separate connections, and a prefetch
 //!   batch is not started while a demand fetch waits, so demand fetches go
-//!   first (prefetch batches are sized to about 100 ms of transfer).
+//!   first (prefetch batches are sized to about 100 ms of transfer). The
+//!   demand connection is marked interactive (SO_PRIORITY 6) at both ends
+//!   (requests carry `X-Priority: demand`), so a priority queue at the
+//!   bottleneck sends its packets ahead of queued prefetch data.
 //! - Bandwidth is measured from large responses (bytes over time minus the
 //!   smallest observed round trip).
 //! - With [`Client::set_retry`], a server that goes away is retried with
@@ -138,6 +141,15 @@ pub struct Client {
     retry: Option<Duration>,
 }
 
+/// Marks a socket's packets interactive (SO_PRIORITY 6): a priority qdisc
+/// under the link's shaper (as netsim's `tbf` + `pfifo_fast`, or DSCP on
+/// a real network) sends them before bulk prefetch traffic.
+pub(crate) fn set_interactive(s: &TcpStream) {
+    if let Err(e) = socket2::SockRef::from(s).set_priority(6) {
+        log::debug!("SO_PRIORITY 6: {e}");
+    }
+}
+
 fn is_transient(e: &Error) -> bool {
     matches!(e, Error::Net(_))
 }
@@ -194,7 +206,7 @@ impl Client {
         self.stats().bandwidth
     }
 
-    fn connect(&self) -> Result<Conn> {
+    fn connect(&self, prio: Priority) -> Result<Conn> {
         let net = |e: std::io::Error| Error::Net(format!("cannot connect to http://{}: {e}", self.host));
         let addrs: Vec<_> = self.addr_text.to_socket_addrs().map_err(net)?.collect();
         let mut last = None;
@@ -204,6 +216,9 @@ impl Client {
                     s.set_read_timeout(Some(self.timeout)).map_err(net)?;
                     s.set_write_timeout(Some(self.timeout)).map_err(net)?;
                     let _ = s.set_nodelay(true);
+                    if prio == Priority::Demand {
+                        set_interactive(&s);
+                    }
                     let w = s.try_clone().map_err(net)?;
                     return Ok(Conn { r: BufReader::with_capacity(256 << 10, s), w: BufWriter::new(w) });
                 }
@@ -224,10 +239,14 @@ impl Client {
         for attempt in 0..2 {
             let reused = guard.is_some();
             if guard.is_none() {
-                *guard = Some(self.connect()?);
+                *guard = Some(self.connect(prio)?);
             }
             let c = guard.as_mut().unwrap();
-            let res = http::write_request(&mut c.w, method, &self.host, path, body)
+            let extra: &[(&str, &str)] = match prio {
+                Priority::Demand => &[("X-Priority", "demand")],
+                Priority::Prefetch => &[],
+            };
+            let res = http::write_request(&mut c.w, method, &self.host, path, body, extra)
                 .map_err(ReadError::Io)
                 .and_then(|_| http::read_message(&mut c.r, true, max_body));
             match res {

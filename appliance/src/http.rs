@@ -153,8 +153,19 @@ pub fn write_response(
     w.flush()
 }
 
-pub fn write_request(w: &mut impl Write, method: &str, host: &str, path: &str, body: &[u8]) -> io::Result<()> {
-    let head = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n", body.len());
+pub fn write_request(
+    w: &mut impl Write,
+    method: &str,
+    host: &str,
+    path: &str,
+    body: &[u8],
+    extra: &[(&str, &str)],
+) -> io::Result<()> {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in extra {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
     // One write for small requests: fewer segments on a slow link.
     let mut buf = Vec::with_capacity(head.len() + body.len());
     buf.extend_from_slice(head.as_bytes());

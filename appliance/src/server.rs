@@ -11,6 +11,9 @@
 //! | `GET /v1/appliances/NAME/knowledge/V` | analysis result version V (`immutable`) |
 //! | `POST /v1/appliances/NAME/traces` | body: a trace; stored after validation; `201` with its hash |
 //!
+//! A request with `X-Priority: demand` marks its connection interactive
+//! (SO_PRIORITY 6) so its responses leave ahead of bulk prefetch traffic.
+//!
 //! Content-addressed URLs never change meaning, so any HTTP cache or CDN can
 //! sit in front of one or more servers.
 
@@ -145,6 +148,7 @@ fn handle_connection(store: &Store, conn: TcpStream) {
     let Ok(wconn) = conn.try_clone() else { return };
     let mut r = BufReader::with_capacity(64 << 10, conn);
     let mut w = BufWriter::with_capacity(256 << 10, wconn);
+    let mut interactive = false;
     loop {
         let (req, http10) = match http::read_message(&mut r, false, MAX_TRACE) {
             Ok(x) => x,
@@ -156,6 +160,10 @@ fn handle_connection(store: &Store, conn: TcpStream) {
             }
         };
         let close = req.wants_close(http10);
+        if !interactive && req.header("x-priority").is_some_and(|v| v.eq_ignore_ascii_case("demand")) {
+            crate::client::set_interactive(w.get_ref());
+            interactive = true;
+        }
         let (status, headers, body) = route(store, &req.first, &req.second, &req.body);
         if status >= 400 {
             log::debug!("appliance server: {peer}: {} {} -> {status}", req.first, req.second);

@@ -316,6 +316,38 @@ impl Session {
         self.read(ChunkKey::disk_offset(offset))
     }
 
+    /// The content of a chunk for the VMM's own use (not a guest access):
+    /// from the cache or fetched, but neither traced nor fed to the planner.
+    pub fn read_untraced(&self, key: ChunkKey) -> Result<Option<Vec<u8>>> {
+        match self.manifest.chunk(key) {
+            None => Ok(None),
+            Some(ChunkRef::Zero | ChunkRef::Free) => Ok(Some(vec![0u8; CHUNK_SIZE])),
+            Some(ChunkRef::Data(h)) => self.client.chunk(&h).map(Some),
+        }
+    }
+
+    /// Puts the content of every listed chunk into the cache with batched
+    /// requests (zero, free and cached chunks cost nothing); nothing is
+    /// traced. Returns the number of chunks fetched. For a full download,
+    /// or a disk wanted whole before the VM starts:
+    /// `session.fetch_keys(&session.disk_keys(), Priority::Demand)`.
+    pub fn fetch_keys(&self, keys: &[ChunkKey], prio: Priority) -> Result<u64> {
+        let hashes: Vec<ChunkHash> = keys
+            .iter()
+            .filter_map(|&k| match self.manifest.chunk(k) {
+                Some(ChunkRef::Data(h)) => Some(h),
+                _ => None,
+            })
+            .collect();
+        self.client.fetch(&hashes, prio)
+    }
+
+    /// Every disk chunk key, in order.
+    pub fn disk_keys(&self) -> Vec<ChunkKey> {
+        let n = self.manifest.disk_size.map_or(0, |s| s.div_ceil(CHUNK_SIZE as u64));
+        (0..n).map(ChunkKey::Disk).collect()
+    }
+
     /// Ends the session: stops prefetching and returns the trace; uploads it if `upload`.
     pub fn finish(&self, upload: bool) -> Result<Trace> {
         self.prefetch_tx.lock().unwrap_or_else(|e| e.into_inner()).take();

@@ -151,6 +151,15 @@ fn sessions_traces_knowledge_and_warm_cache() {
     s2.finish(false).unwrap();
     assert_eq!(c2.stats().chunks_fetched, 0, "{:?}", c2.stats());
 
+    // The VMM's own reads (a whole disk before start) are batched and untraced.
+    let c3 = Arc::new(Client::new(&url, d.join("cache-disk")).unwrap());
+    let s3 = Session::start(c3.clone(), "app", SessionConfig { use_knowledge: false, ..Default::default() }).unwrap();
+    let n = s3.fetch_keys(&s3.disk_keys(), appliance::client::Priority::Demand).unwrap();
+    assert_eq!(n, DISK_PAGES as u64);
+    assert!(c3.stats().requests < 10, "{:?}", c3.stats());
+    assert!(s3.read_untraced(ChunkKey::Disk(7)).unwrap().unwrap() == page(2, 7));
+    assert!(s3.finish(false).unwrap().accesses.is_empty());
+
     // A knowledge file of another format version is refused clearly.
     let bad = String::from_utf8(k.to_bytes()).unwrap().replacen("\"format\":1", "\"format\":42", 1);
     store.put_knowledge("app", bad.as_bytes()).unwrap();
