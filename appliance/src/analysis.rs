@@ -83,6 +83,31 @@ impl From<Relation> for (u32, u16, u64) {
     }
 }
 
+/// One chunk of the VMTorrent profile; serialised as `[kind (0 memory, 1 disk), index, average ms]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "(u8, u64, u64)", into = "(u8, u64, u64)")]
+pub struct ProfileEntry {
+    pub key: ChunkKey,
+    /// Average first-access time over the traces containing the chunk (µs, ms precision).
+    pub avg_us: u64,
+}
+
+impl From<(u8, u64, u64)> for ProfileEntry {
+    fn from((k, i, ms): (u8, u64, u64)) -> Self {
+        let key = if k == 1 { ChunkKey::Disk(i) } else { ChunkKey::Mem(i) };
+        Self { key, avg_us: ms.saturating_mul(1000) }
+    }
+}
+
+impl From<ProfileEntry> for (u8, u64, u64) {
+    fn from(e: ProfileEntry) -> Self {
+        match e.key {
+            ChunkKey::Mem(i) => (0, i, e.avg_us / 1000),
+            ChunkKey::Disk(i) => (1, i, e.avg_us / 1000),
+        }
+    }
+}
+
 /// A final cluster.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Cluster {
@@ -122,6 +147,10 @@ pub struct Knowledge {
     pub clusters: Vec<Cluster>,
     /// Relations from the session start.
     pub start: Vec<Relation>,
+    /// VMTorrent's profile for the baseline: every chunk seen in any trace
+    /// with its average first-access time, in that order.
+    #[serde(default)]
+    pub profile: Vec<ProfileEntry>,
     /// Cluster sizes in ascending order (equation 3.1's percentile).
     #[serde(skip)]
     sorted_sizes: Vec<u64>,
@@ -310,6 +339,10 @@ pub fn analyze(traces: &[Trace], bytes: &dyn Fn(ChunkKey) -> u64, params: &Analy
         clustering_interval_us: params.clustering_interval_us,
         clusters,
         start,
+        profile: crate::planner::vmtorrent_profile(traces, bytes)
+            .into_iter()
+            .map(|(key, t)| ProfileEntry { key, avg_us: t / 1000 * 1000 })
+            .collect(),
         sorted_sizes: vec![],
         index: HashMap::new(),
     }

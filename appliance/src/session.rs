@@ -13,6 +13,10 @@
 //! prefetcher that always yields to demand fetches. Chunks outside every
 //! cluster are fetched alone. Each first access is recorded with the
 //! network wait subtracted; [`Session::finish`] uploads the trace.
+//!
+//! [`Mode`] selects the baselines instead: demand fetch only, a full
+//! download before start, or VMTorrent's profile order (from the same
+//! knowledge file).
 
 use std::collections::HashSet;
 use std::sync::mpsc::{channel, Sender};
@@ -28,12 +32,28 @@ use crate::planner::{self, Current, PlannerConfig};
 use crate::trace::{Trace, TraceHeader, TraceRecorder};
 use crate::{Error, Result};
 
+/// How state reaches the client (issue 5's baselines in the same binary).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// vTube's dynamic streaming (demand only when there is no knowledge yet).
+    #[default]
+    VTube,
+    /// Every chunk on its first access.
+    DemandOnly,
+    /// Everything before the VM starts.
+    FullDownload,
+    /// VMTorrent's profile order with window-randomised selection after an
+    /// initial buffering by the same rule as vTube's.
+    VmTorrent { window: usize },
+}
+
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
+    pub mode: Mode,
     pub planner: PlannerConfig,
     /// Bandwidth assumed (bytes/s) until the client has measured it.
     pub initial_bandwidth: f64,
-    /// Use the server's knowledge (false: demand fetch only).
+    /// Use the server's knowledge (false: demand fetch only, whatever the mode).
     pub use_knowledge: bool,
     /// Free-form description stored with the trace.
     pub params: serde_json::Value,
@@ -42,6 +62,7 @@ pub struct SessionConfig {
 impl Default for SessionConfig {
     fn default() -> Self {
         Self {
+            mode: Mode::VTube,
             planner: PlannerConfig::default(),
             initial_bandwidth: 900_000.0,
             use_knowledge: true,
@@ -96,7 +117,8 @@ impl Session {
         let start = Instant::now();
         let manifest_hash = client.appliance(name)?;
         let manifest = client.manifest(&manifest_hash)?;
-        let knowledge = if cfg.use_knowledge {
+        let wants_knowledge = cfg.use_knowledge && matches!(cfg.mode, Mode::VTube | Mode::VmTorrent { .. });
+        let knowledge = if wants_knowledge {
             match client.knowledge(name) {
                 Ok((v, b)) => {
                     let k = Knowledge::parse(&b)?;
@@ -115,6 +137,9 @@ impl Session {
         } else {
             None
         };
+        if matches!(cfg.mode, Mode::VmTorrent { .. }) && knowledge.as_ref().is_some_and(|(_, k)| k.profile.is_empty()) {
+            log::warn!("knowledge of `{name}` has no VMTorrent profile (older analysis?): demand fetch only");
+        }
         let n = knowledge.as_ref().map_or(0, |(_, k)| k.clusters.len());
         let (tx, rx) = channel::<Vec<ChunkHash>>();
         let c2 = client.clone();
@@ -156,9 +181,64 @@ impl Session {
                 });
             }
         }
-        s.decide(Current::Start, false)?;
+        match s.cfg.mode {
+            Mode::VTube => s.decide(Current::Start, false)?,
+            Mode::DemandOnly => {}
+            Mode::FullDownload => {
+                let all = all_data_hashes(&s.manifest);
+                s.buffer(&all)?;
+            }
+            Mode::VmTorrent { window } => s.start_profile(window)?,
+        }
         s.lock().stats.launch_s = start.elapsed().as_secs_f64();
         Ok(s)
+    }
+
+    /// Fetches `hashes` with the VM paused (a buffering event).
+    fn buffer(&self, hashes: &[ChunkHash]) -> Result<()> {
+        if hashes.is_empty() {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        self.set_buffering(true);
+        let res = self.client.fetch(hashes, Priority::Demand);
+        self.set_buffering(false);
+        let waited = t0.elapsed();
+        self.recorder.add_net_wait(waited);
+        let mut st = self.lock();
+        st.stats.buffering_events += 1;
+        st.stats.buffering_s += waited.as_secs_f64();
+        st.stats.net_wait_s += waited.as_secs_f64();
+        res.map(|_| ())
+    }
+
+    /// VMTorrent baseline: buffer the profile's prefix, stream the rest in
+    /// window-randomised profile order.
+    fn start_profile(&self, window: usize) -> Result<()> {
+        let Some((_, k)) = &self.knowledge else { return Ok(()) };
+        let hash = |key| match self.manifest.chunk(key) {
+            Some(ChunkRef::Data(h)) => Some(h),
+            _ => None,
+        };
+        // Per-chunk transfer sizes are not known client-side: use the
+        // clusters' average encoded chunk size.
+        let (b, n) = k.clusters.iter().fold((0u64, 0u64), |(b, n), c| (b + c.bytes, n + c.len() as u64));
+        let avg = if n > 0 { b / n } else { CHUNK_SIZE as u64 / 2 };
+        let timed: Vec<(u64, u64)> = k.profile.iter().map(|e| (e.avg_us, avg)).collect();
+        let bw = self.client.bandwidth().unwrap_or(self.cfg.initial_bandwidth);
+        let cut = planner::buffer_prefix(&timed, bw);
+        let prefix: Vec<ChunkHash> = k.profile[..cut].iter().filter_map(|e| hash(e.key)).collect();
+        let rest: Vec<ChunkKey> = k.profile[cut..].iter().map(|e| e.key).collect();
+        let order: Vec<ChunkHash> = planner::window_randomized(&rest, window, self.start.elapsed().as_nanos() as u64)
+            .into_iter()
+            .filter_map(hash)
+            .collect();
+        if let Some(tx) = self.prefetch_tx.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            for part in order.chunks(1024) {
+                let _ = tx.send(part.to_vec());
+            }
+        }
+        self.buffer(&prefix)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -217,6 +297,9 @@ impl Session {
     /// Runs the dynamic streaming decision; buffers synchronously, queues the rest.
     fn decide(&self, current: Current, hint: bool) -> Result<()> {
         let Some((_, k)) = &self.knowledge else { return Ok(()) };
+        if self.cfg.mode != Mode::VTube {
+            return Ok(());
+        }
         let plan = {
             let mut st = self.lock();
             if let Current::Cluster(c) = current {
@@ -250,17 +333,7 @@ impl Session {
         }
         if !plan.buffer.is_empty() {
             let buffer: Vec<ChunkHash> = plan.buffer.iter().flat_map(|&c| self.hashes_of(c)).collect();
-            let t0 = Instant::now();
-            self.set_buffering(true);
-            let res = self.client.fetch(&buffer, Priority::Demand);
-            self.set_buffering(false);
-            let waited = t0.elapsed();
-            self.recorder.add_net_wait(waited);
-            let mut st = self.lock();
-            st.stats.buffering_events += 1;
-            st.stats.buffering_s += waited.as_secs_f64();
-            st.stats.net_wait_s += waited.as_secs_f64();
-            res?;
+            self.buffer(&buffer)?;
         }
         Ok(())
     }
@@ -277,7 +350,10 @@ impl Session {
             }
             ChunkRef::Data(h) => h,
         };
-        let cluster = self.knowledge.as_ref().and_then(|(_, k)| k.cluster_of(key));
+        let cluster = match self.cfg.mode {
+            Mode::VTube => self.knowledge.as_ref().and_then(|(_, k)| k.cluster_of(key)),
+            _ => None,
+        };
         if let Some(c) = self.client.cache().get(&h)? {
             self.recorder.record(key);
             self.lock().stats.cache_reads += 1;

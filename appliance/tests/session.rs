@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use appliance::analysis::{analyze_appliance, AnalysisParams};
 use appliance::server::Server;
-use appliance::session::{Session, SessionConfig};
+use appliance::session::{Mode, Session, SessionConfig};
 use appliance::store::MemorySource;
 use appliance::{ChunkKey, Client, Store, CHUNK_SIZE};
 use netsim::relay::Relay;
@@ -150,6 +150,28 @@ fn sessions_traces_knowledge_and_warm_cache() {
     run_workload(&s2, 1, &mem);
     s2.finish(false).unwrap();
     assert_eq!(c2.stats().chunks_fetched, 0, "{:?}", c2.stats());
+
+    // The baselines in the same session API.
+    let total_data = store.get_manifest(&store.appliance("app").unwrap()).unwrap().stats().unique_chunks;
+    for (i, mode) in [Mode::FullDownload, Mode::VmTorrent { window: 8 }, Mode::DemandOnly].into_iter().enumerate() {
+        let c = Arc::new(Client::new(&url, d.join(format!("cache-mode{i}"))).unwrap());
+        let s = Session::start(c.clone(), "app", SessionConfig { mode, ..Default::default() }).unwrap();
+        run_workload(&s, 1, &mem);
+        let st = s.stats();
+        let t = s.finish(false).unwrap();
+        assert!(t.accesses.len() > 80);
+        match mode {
+            Mode::FullDownload => {
+                assert_eq!(st.misses, 0, "{st:?}");
+                assert_eq!(c.stats().chunks_fetched, total_data);
+            }
+            Mode::VmTorrent { .. } => {
+                assert!(st.misses * 2 < cold_misses, "{st:?}");
+                assert_eq!(st.hints, 0);
+            }
+            _ => assert_eq!(st.misses, c.stats().chunks_fetched),
+        }
+    }
 
     // The VMM's own reads (a whole disk before start) are batched and untraced.
     let c3 = Arc::new(Client::new(&url, d.join("cache-disk")).unwrap());
