@@ -223,7 +223,7 @@ impl Session {
         // Per-chunk transfer sizes are not known client-side: use the
         // clusters' average encoded chunk size.
         let (b, n) = k.clusters.iter().fold((0u64, 0u64), |(b, n), c| (b + c.bytes, n + c.len() as u64));
-        let avg = if n > 0 { b / n } else { CHUNK_SIZE as u64 / 2 };
+        let avg = b.checked_div(n).unwrap_or(CHUNK_SIZE as u64 / 2);
         let timed: Vec<(u64, u64)> = k.profile.iter().map(|e| (e.avg_us, avg)).collect();
         let bw = self.client.bandwidth().unwrap_or(self.cfg.initial_bandwidth);
         let cut = planner::buffer_prefix(&timed, bw);
