@@ -513,6 +513,40 @@ pub(crate) mod tests {
         fs::remove_dir_all(&d).unwrap();
     }
 
+    /// A store on a full file system: a clear I/O error naming the file, no panic.
+    #[test]
+    fn full_disk_is_a_clear_error() {
+        let d = tmpdir("full");
+        let mnt = d.join("mnt");
+        fs::create_dir_all(&mnt).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=512k", "tmpfs"])
+            .arg(&mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("skipping: cannot mount a tmpfs");
+            return;
+        }
+        let res = (|| {
+            let store = Store::open(mnt.join("store"))?;
+            let mem = memory(600, 9);
+            store.create_appliance(
+                "big",
+                serde_json::Value::Null,
+                vec![],
+                [MemorySource { gpa: 0, size: mem.len() as u64, data: Box::new(&mem[..]) }],
+                &|_| false,
+                None,
+            )
+        })();
+        let _ = std::process::Command::new("umount").arg(&mnt).status();
+        let e = res.unwrap_err();
+        assert!(matches!(e, Error::Io { .. }), "{e}");
+        assert!(e.to_string().contains("No space left on device"), "{e}");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
     pub fn tempfile_with(dir: &Path, data: &[u8]) -> File {
         let p = dir.join(format!("f-{}", TMP_COUNTER.fetch_add(1, Ordering::Relaxed)));
         fs::write(&p, data).unwrap();
