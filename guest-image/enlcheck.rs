@@ -8,6 +8,7 @@
 //!   enlcheck fill PORT MIB            fill memcached on 127.0.0.1:PORT with MIB of values
 //!   enlcheck check MEMCACHED_PID IDLE_PID
 //!   enlcheck hog MIB SECS             allocate and touch MIB, free, repeat for SECS
+//!   enlcheck mallocbench N            ns per malloc/free pair (thesis 5.4.4-like)
 //!
 //! `check` prints `CHECK name=value` lines and `T-OK:`/`T-FAIL:` verdicts;
 //! it exits 1 if a hard check fails.
@@ -291,6 +292,31 @@ fn hog(mib: usize, secs: u64) {
     println!("hog: {rounds} rounds of {mib} MiB");
 }
 
+/// A malloc/free microbenchmark: `n` allocations of 16..4 KiB (xorshift
+/// sizes), each written and freed while a ring of 64 stays live. Prints and
+/// returns ns per allocation+free (best of 3 runs).
+fn mallocbench(n: u64) -> f64 {
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let mut ring: Vec<Vec<u8>> = (0..64).map(|_| Vec::new()).collect();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let t = Instant::now();
+        for i in 0..n {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let size = 16 + (x % 4080) as usize;
+            let mut v = Vec::with_capacity(size);
+            v.push(i as u8);
+            ring[(i % 64) as usize] = v;
+        }
+        std::hint::black_box(&ring);
+        best = best.min(t.elapsed().as_nanos() as f64 / n as f64);
+    }
+    println!("mallocbench: {best:.1} ns per malloc/free");
+    best
+}
+
 fn main() -> ExitCode {
     let a: Vec<String> = std::env::args().collect();
     let arg = |i: usize| a.get(i).cloned().unwrap_or_default();
@@ -301,7 +327,11 @@ fn main() -> ExitCode {
             hog(arg(2).parse().unwrap_or(128), arg(3).parse().unwrap_or(10));
             Ok(true)
         }
-        _ => Err("usage: enlcheck fill PORT MIB | check MEMCACHED_PID IDLE_PID | hog MIB SECS".into()),
+        "mallocbench" => {
+            mallocbench(arg(2).parse().unwrap_or(1_000_000));
+            Ok(true)
+        }
+        _ => Err("usage: enlcheck fill PORT MIB | check MEMCACHED_PID IDLE_PID | hog MIB SECS | mallocbench N".into()),
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,
