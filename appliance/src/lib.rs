@@ -13,6 +13,7 @@
 //! - [`analysis`]: vTube's clustering analysis (thesis 3.2.2).
 //! - [`planner`]: dynamic streaming (equation 3.1, buffer vs stream) and the
 //!   baseline orders (VMTorrent profile order, demand only, full download).
+//! - [`overlay`]: the streamed disk as a local sparse overlay (virtio-blk backend).
 //! - [`session`]: a streaming session, the API `vmm stream`'s memory and
 //!   disk fault paths call.
 //! - [`sim`]: replays a trace against a link model and reports the metrics of
@@ -23,6 +24,7 @@ pub mod chunk;
 pub mod client;
 mod http;
 pub mod manifest;
+pub mod overlay;
 pub mod planner;
 pub mod server;
 pub mod session;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use appliance::analysis::{analyze_appliance, AnalysisParams};
+use appliance::overlay::DiskOverlay;
 use appliance::server::Server;
 use appliance::session::{Mode, Session, SessionConfig};
 use appliance::store::MemorySource;
@@ -181,6 +182,48 @@ fn sessions_traces_knowledge_and_warm_cache() {
     assert!(c3.stats().requests < 10, "{:?}", c3.stats());
     assert!(s3.read_untraced(ChunkKey::Disk(7)).unwrap().unwrap() == page(2, 7));
     assert!(s3.finish(false).unwrap().accesses.is_empty());
+
+    // The disk as an overlay: reads wait for chunks, a partial write to a
+    // missing chunk fetches it first, a whole-chunk write does not.
+    let c4 = Arc::new(Client::new(&url, d.join("cache-overlay")).unwrap());
+    let s4 = Session::start(c4.clone(), "app", SessionConfig { use_knowledge: false, ..Default::default() }).unwrap();
+    let ov = Arc::new(DiskOverlay::create(s4.clone(), &d.join("overlay.img")).unwrap());
+    let mut buf = vec![0u8; 3 * CHUNK_SIZE];
+    ov.read_at(&mut buf, 5 * CHUNK_SIZE as u64 + 100).unwrap();
+    let want: Vec<u8> = (5..9).flat_map(|p| page(2, p)).collect();
+    assert!(buf[..] == want[100..100 + 3 * CHUNK_SIZE]);
+    assert_eq!(c4.stats().chunks_fetched, 4);
+    ov.write_at(&[0xab; 10], 20 * CHUNK_SIZE as u64 + 7).unwrap();
+    assert_eq!(c4.stats().chunks_fetched, 5);
+    ov.write_at(&vec![0xcd; 2 * CHUNK_SIZE], 30 * CHUNK_SIZE as u64).unwrap();
+    assert_eq!(c4.stats().chunks_fetched, 5);
+    let mut one = vec![0u8; CHUNK_SIZE];
+    ov.read_at(&mut one, 20 * CHUNK_SIZE as u64).unwrap();
+    let mut w = page(2, 20);
+    w[7..17].fill(0xab);
+    assert!(one == w);
+    ov.read_at(&mut one, 31 * CHUNK_SIZE as u64).unwrap();
+    assert!(one.iter().all(|&b| b == 0xcd));
+    // Four readers of one missing chunk: one fetch.
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let ov = ov.clone();
+            std::thread::spawn(move || {
+                let mut b = vec![0u8; 512];
+                ov.read_at(&mut b, 40 * CHUNK_SIZE as u64).unwrap();
+                b
+            })
+        })
+        .collect();
+    for r in readers {
+        assert!(r.join().unwrap()[..] == page(2, 40)[..512]);
+    }
+    assert_eq!(c4.stats().chunks_fetched, 6);
+    assert!(ov.read_at(&mut one, (DISK_PAGES * CHUNK_SIZE) as u64 - 10).is_err());
+    assert_eq!(ov.present_chunks(), 8);
+    ov.flush().unwrap();
+    drop(ov);
+    s4.finish(false).unwrap();
 
     // A knowledge file of another format version is refused clearly.
     let bad = String::from_utf8(k.to_bytes()).unwrap().replacen("\"format\":1", "\"format\":42", 1);
