@@ -200,11 +200,12 @@ impl Session {
             return Ok(());
         }
         let t0 = Instant::now();
+        let wait = self.recorder.waiting();
         self.set_buffering(true);
         let res = self.client.fetch(hashes, Priority::Demand);
         self.set_buffering(false);
+        drop(wait);
         let waited = t0.elapsed();
-        self.recorder.add_net_wait(waited);
         let mut st = self.lock();
         st.stats.buffering_events += 1;
         st.stats.buffering_s += waited.as_secs_f64();
@@ -363,9 +364,11 @@ impl Session {
             return Ok(Some(c));
         }
         let t0 = Instant::now();
-        let content = self.client.chunk(&h)?;
+        let wait = self.recorder.waiting();
+        let content = self.client.chunk(&h);
+        drop(wait);
+        let content = content?;
         let waited = t0.elapsed();
-        self.recorder.add_net_wait(waited);
         {
             let mut st = self.lock();
             st.stats.net_wait_s += waited.as_secs_f64();

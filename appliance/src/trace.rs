@@ -132,7 +132,32 @@ impl Trace {
 struct RecState {
     seen: HashSet<ChunkKey>,
     accesses: Vec<Access>,
+    /// Closed network-wait time.
     net_wait: Duration,
+    /// Threads waiting now, and since when at least one has been.
+    waiting: u32,
+    wait_since: Option<Instant>,
+}
+
+impl RecState {
+    fn waited(&self) -> Duration {
+        self.net_wait + self.wait_since.map_or(Duration::ZERO, |t| t.elapsed())
+    }
+}
+
+/// Marks a network wait in progress; ends it when dropped.
+pub struct WaitGuard<'a>(&'a TraceRecorder);
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.st.lock().unwrap_or_else(|e| e.into_inner());
+        st.waiting = st.waiting.saturating_sub(1);
+        if st.waiting == 0 {
+            if let Some(t) = st.wait_since.take() {
+                st.net_wait += t.elapsed();
+            }
+        }
+    }
 }
 
 /// Records first accesses during a session; shared by the vCPU and disk threads.
@@ -151,7 +176,13 @@ impl TraceRecorder {
     pub fn new() -> Self {
         Self {
             start: Instant::now(),
-            st: Mutex::new(RecState { seen: HashSet::new(), accesses: Vec::new(), net_wait: Duration::ZERO }),
+            st: Mutex::new(RecState {
+                seen: HashSet::new(),
+                accesses: Vec::new(),
+                net_wait: Duration::ZERO,
+                waiting: 0,
+                wait_since: None,
+            }),
         }
     }
 
@@ -160,7 +191,7 @@ impl TraceRecorder {
     pub fn record(&self, key: ChunkKey) {
         let mut st = self.st.lock().unwrap_or_else(|e| e.into_inner());
         if st.seen.insert(key) {
-            let t = self.start.elapsed().saturating_sub(st.net_wait);
+            let t = self.start.elapsed().saturating_sub(st.waited());
             let t_us = (t.as_micros() as u64).max(st.accesses.last().map(|a| a.t_us).unwrap_or(0));
             st.accesses.push(Access { t_us, key });
         }
@@ -169,6 +200,17 @@ impl TraceRecorder {
     /// Whether a chunk was already accessed this session.
     pub fn seen(&self, key: ChunkKey) -> bool {
         self.st.lock().unwrap_or_else(|e| e.into_inner()).seen.contains(&key)
+    }
+
+    /// Starts a network wait (a demand fetch, buffering); overlapping waits
+    /// of several threads count once (the union of the intervals).
+    pub fn waiting(&self) -> WaitGuard<'_> {
+        let mut st = self.st.lock().unwrap_or_else(|e| e.into_inner());
+        if st.waiting == 0 {
+            st.wait_since = Some(Instant::now());
+        }
+        st.waiting += 1;
+        WaitGuard(self)
     }
 
     /// Time the VM spent waiting for the network (removed from later timestamps).
@@ -187,7 +229,7 @@ impl TraceRecorder {
     pub fn finish(&self, mut header: TraceHeader) -> Trace {
         let st = self.st.lock().unwrap_or_else(|e| e.into_inner());
         header.duration_us = self.start.elapsed().as_micros() as u64;
-        header.net_wait_us = st.net_wait.as_micros() as u64;
+        header.net_wait_us = st.waited().as_micros() as u64;
         Trace { header, accesses: st.accesses.clone() }
     }
 }
@@ -217,5 +259,27 @@ mod tests {
         let mut v = b.clone();
         v[8] = 2;
         assert!(matches!(Trace::parse(&v), Err(Error::BadVersion { found: 2, .. })));
+    }
+
+    #[test]
+    fn overlapping_waits_count_once() {
+        let r = std::sync::Arc::new(TraceRecorder::new());
+        let threads: Vec<_> = (0..3)
+            .map(|_| {
+                let r = r.clone();
+                std::thread::spawn(move || {
+                    let _w = r.waiting();
+                    std::thread::sleep(Duration::from_millis(40));
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        r.record(ChunkKey::Mem(1));
+        let t = r.finish(TraceHeader::default());
+        // Three concurrent 40 ms waits: about 40 ms, not 120.
+        assert!(t.header.net_wait_us >= 40_000 && t.header.net_wait_us < 100_000, "{}", t.header.net_wait_us);
+        assert!(t.accesses[0].t_us < 30_000, "{:?}", t.accesses);
     }
 }
