@@ -1,7 +1,15 @@
 //! The enlightenment device (see `virtio_devices::enlighten`) served to QEMU
-//! as a vhost-user backend, so that QEMU 10's
-//! `-device vhost-user-device-pci,chardev=...,virtio-id=63,num_vqs=2,config_size=8`
-//! (guest RAM in a shared memfd backend) hosts it, plus a small control API.
+//! as a vhost-user backend, plus a small control API. Guest RAM must be a
+//! shared memfd backend (`-object memory-backend-memfd,...,share=on`).
+//!
+//! QEMU 10's generic `vhost-user-device(-pci)` (`virtio-id=63,num_vqs=2,
+//! config_size=8`) would be the natural front-end, but QEMU marks it not
+//! user-creatable ("Parameter 'driver' expects a pluggable device type").
+//! `-device vhost-user-gpio-pci,chardev=...` is a vhost-user device with the
+//! same shape (two queues, an 8-byte config read from the backend) under
+//! virtio ID 41; the guest module binds it when booted with
+//! `enlighten.alias_id=41` (see guest-module/README.md). The backend does
+//! not care which ID QEMU shows the guest.
 //!
 //! # Pieces
 //! - [`EnlightenBackend`] implements rust-vmm's [`VhostUserBackend`]. It

@@ -19,7 +19,7 @@ the module's debugfs counters and checks the maps against /proc/kpageflags and
   - malformed commands (wrong version, bad length, unknown kind, bad window,
     Done without Prepare, Prepare while prepared) are rejected with Error
     replies and the guest keeps working;
-  - 100 Prepare/Done cycles and 10 load/Prepare/unload cycles leak nothing;
+  - 100 Prepare/Done cycles and 100 load/Prepare/unload cycles leak nothing;
   - a memory hog running while Prepare runs does not OOM the guest;
   - prints Prepare latencies (512 MiB here; --bench-mem adds other sizes).
 
@@ -196,7 +196,7 @@ def main():
     ap.add_argument("--keep", help="keep logs in this directory")
     ap.add_argument("--timeout", type=int, default=240)
     ap.add_argument("--cycles", type=int, default=100)
-    ap.add_argument("--reloads", type=int, default=10)
+    ap.add_argument("--reloads", type=int, default=100)
     args = ap.parse_args()
 
     print("qemu-enlighten: building the guest image and enlighten-vhost", file=sys.stderr)
