@@ -167,6 +167,9 @@ impl Shared {
         if self.migration.json().is_some() {
             return Err("a migration is already in progress".into());
         }
+        if self.migration.committed.load(Ordering::Acquire) {
+            return Err("this VM was already migrated: it runs at the destination".into());
+        }
         self.migration.start(mode);
         let r = self.migrate_inner(to, key, mode);
         self.migration.end();
@@ -471,7 +474,8 @@ impl Shared {
         );
 
         // From here on the VM lives at the destination: never resume here.
-        *self.exit_after_reply.lock().unwrap_or_else(|e| e.into_inner()) = Some(ExitReason::Migrated);
+        // This VMM ends only once every page is delivered (and after the
+        // reply to this request, not to any other).
         let rounds: Vec<Round> = match &enlightenment {
             None => {
                 vec![Round { name: "address-order".into(), class: None, pages: (0..source.space.pages()).collect() }]
@@ -539,6 +543,7 @@ impl Shared {
             log::error!("post-copy: destination memory differs from the source's at suspension");
         }
         crate::memory::discard(&self.mem);
+        *self.exit_after_reply.lock().unwrap_or_else(|e| e.into_inner()) = Some(ExitReason::Migrated);
         let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         let push_bytes: u64 =
             rounds_report.as_array().map(|a| a.iter().filter_map(|r| r["bytes"].as_u64()).sum()).unwrap_or(0);
@@ -767,6 +772,9 @@ impl ApiTarget for Shared {
         self.control.pause(|| self.kick_all()).map_err(|r| format!("the VM is ending ({r:?})"))
     }
     fn resume(&self) -> Result<(), String> {
+        if self.migration.committed.load(Ordering::Acquire) {
+            return Err("this VM was migrated: it runs at the destination; resuming it here would run it twice".into());
+        }
         if !self.control.is_paused() {
             return Err("the VM is not paused".into());
         }
