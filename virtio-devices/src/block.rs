@@ -96,9 +96,19 @@ fn sub_range(segs: &[Seg], mut skip: u64, mut len: u64) -> impl Iterator<Item = 
 /// A request rejected in-band: its status and why (for the guest error log).
 struct Reject(u8, String);
 
+/// Makes byte ranges of a lazily populated image present before the device
+/// touches them (appliance streaming: the image is a sparse local overlay
+/// whose missing chunks are fetched on first access). `for_write`: the range
+/// is about to be written; chunks only partly overwritten must be fetched
+/// first. Blocking here holds only the request (and its queue).
+pub trait Backfill: Send + Sync {
+    fn ensure(&self, offset: u64, len: u64, for_write: bool) -> std::io::Result<()>;
+}
+
 /// A virtio-blk device backed by a raw image file.
 pub struct Block {
     file: File,
+    backfill: Option<std::sync::Arc<dyn Backfill>>,
     sectors: u64,
     read_only: bool,
     id: [u8; VIRTIO_BLK_ID_BYTES],
@@ -132,6 +142,7 @@ impl Block {
         let len = file.metadata()?.len();
         let mut b = Self {
             file,
+            backfill: None,
             sectors: len / SECTOR_SIZE,
             read_only,
             id: [0; VIRTIO_BLK_ID_BYTES],
@@ -146,6 +157,17 @@ impl Block {
         };
         b.set_serial(serial);
         Ok(b)
+    }
+
+    /// Populates ranges through `b` before every transfer (see [`Backfill`]).
+    pub fn set_backfill(&mut self, b: std::sync::Arc<dyn Backfill>) {
+        self.backfill = Some(b);
+    }
+
+    fn backfill(&mut self, sector: u64, len: u64, for_write: bool) -> Result<(), Reject> {
+        let Some(b) = &self.backfill else { return Ok(()) };
+        b.ensure(sector * SECTOR_SIZE, len, for_write)
+            .map_err(|e| self.io_error(format!("fetching {len} bytes at sector {sector}: {e}")))
     }
 
     /// Sets the GET_ID string (truncated to 20 bytes, NUL-padded).
@@ -333,6 +355,7 @@ impl Block {
     }
 
     fn read_to_guest<M: GuestMemory>(&mut self, mem: &M, sector: u64, len: u64) -> Result<(), Reject> {
+        self.backfill(sector, len, false)?;
         let mut file = &self.file;
         let res = file.seek(SeekFrom::Start(sector * SECTOR_SIZE)).map_err(|e| e.to_string()).and_then(|_| {
             for s in sub_range(&self.writable, 0, len) {
@@ -348,6 +371,7 @@ impl Block {
     }
 
     fn write_from_guest<M: GuestMemory>(&mut self, mem: &M, sector: u64, len: u64) -> Result<(), Reject> {
+        self.backfill(sector, len, true)?;
         let mut file = &self.file;
         let res = file.seek(SeekFrom::Start(sector * SECTOR_SIZE)).map_err(|e| e.to_string()).and_then(|_| {
             for s in sub_range(&self.readable, HEADER_LEN, len) {

@@ -7,10 +7,12 @@
 //! each first access through the appliance session (`appliance::session`:
 //! zero and free chunks without a fetch, the local content-addressed cache,
 //! demand fetches that drive vTube's buffering and streaming decisions).
-//! The disk is fetched in full before the VM starts for now (the virtio-blk
-//! fault path is the next step).
+//! The disk is a sparse local overlay: the virtio-blk device asks
+//! [`DiskBackfill`] for the chunks a request covers before it touches them;
+//! missing ones are read through the session (same cache, same trace) and
+//! written into the overlay; writes go to the overlay (a partly overwritten
+//! chunk is fetched first).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -113,10 +115,25 @@ pub fn start(url: &str, name: &str, cache: &Path, serial: SerialOut, cfg: Sessio
         );
     }
 
-    // The disk: fetched in full before the VM starts (for now).
+    // The disk: a sparse overlay, populated on access.
+    let mut backfill = None;
     if let Some(size) = m.disk_size {
-        let path = cache.join(format!("{name}-{}.disk", session.manifest_hash().to_hex()));
-        materialize_disk(&session, size, &path)?;
+        let path = cache.join(format!("{name}-{}.overlay", session.manifest_hash().to_hex()));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| format!("disk overlay {}: {e}", path.display()))?;
+        f.set_len(size).map_err(|e| format!("disk overlay {}: {e}", path.display()))?;
+        let chunks = size.div_ceil(appliance::CHUNK_SIZE as u64);
+        backfill = Some(Arc::new(DiskBackfill {
+            session: session.clone(),
+            file: f,
+            size,
+            present: std::sync::Mutex::new(vec![false; chunks as usize]),
+        }));
         reader.snapshot.config.disks = vec![path];
     } else {
         reader.snapshot.config.disks.clear();
@@ -129,6 +146,11 @@ pub fn start(url: &str, name: &str, cache: &Path, serial: SerialOut, cfg: Sessio
         serial,
     };
     let vm = Vm::create_incoming(cfg, mem, reader).map_err(|e| format!("creating the VM: {e}"))?;
+    if let Some(b) = backfill {
+        for d in &vm.shared().blocks {
+            d.set_backfill(b.clone());
+        }
+    }
     Ok(Streamed { vm, session, stop, threads, pager })
 }
 
@@ -167,23 +189,39 @@ fn serve_faults(pager: &pager::Pager, session: &Session, stop: &AtomicBool) {
     }
 }
 
-fn materialize_disk(session: &Session, size: u64, path: &Path) -> Result<(), String> {
-    let tmp = path.with_extension("disk.tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    f.set_len(size).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    let mut off = 0;
-    while off < size {
-        let data = session.read_disk(off).map_err(|e| format!("disk chunk at {off:#x}: {e}"))?;
-        if let Some(d) = data {
-            if d.iter().any(|&b| b != 0) {
-                use std::io::{Seek, SeekFrom};
-                f.seek(SeekFrom::Start(off)).map_err(|e| e.to_string())?;
-                let n = (size - off).min(d.len() as u64) as usize;
-                f.write_all(&d[..n]).map_err(|e| e.to_string())?;
+/// The streamed disk's overlay: which chunks are present, and how to fetch
+/// the others.
+struct DiskBackfill {
+    session: Arc<Session>,
+    file: std::fs::File,
+    size: u64,
+    present: std::sync::Mutex<Vec<bool>>,
+}
+
+impl virtio_devices::block::Backfill for DiskBackfill {
+    fn ensure(&self, offset: u64, len: u64, _for_write: bool) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let cs = appliance::CHUNK_SIZE as u64;
+        let end = offset.saturating_add(len).min(self.size);
+        let mut i = offset / cs;
+        while i * cs < end {
+            // Held across the fetch: concurrent requests for the same chunk
+            // wait for it rather than fetch it twice.
+            let mut present = self.present.lock().unwrap_or_else(|e| e.into_inner());
+            if !present[i as usize] {
+                // Whole-chunk writes need no fetch either, but the guest's
+                // writes are rarely aligned that way; fetching keeps it simple.
+                let data = self.session.read_disk(i * cs).map_err(|e| std::io::Error::other(e.to_string()))?;
+                if let Some(d) = data {
+                    if d.iter().any(|&b| b != 0) {
+                        let n = (self.size - i * cs).min(d.len() as u64) as usize;
+                        self.file.write_all_at(&d[..n], i * cs)?;
+                    }
+                }
+                present[i as usize] = true;
             }
+            i += 1;
         }
-        off += appliance::CHUNK_SIZE as u64;
+        Ok(())
     }
-    f.sync_all().map_err(|e| e.to_string())?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
 }

@@ -68,6 +68,11 @@ impl VirtioBlockHandle {
             .map_err(|e| VmError::Device(format!("disk {}: {e}", path.display())))?;
         Ok(Self::new(block, mem, irq))
     }
+
+    /// Makes the disk lazily populated (see [`virtio_devices::block::Backfill`]).
+    pub fn set_backfill(&self, b: Arc<dyn virtio_devices::block::Backfill>) {
+        self.transport.lock().unwrap_or_else(|e| e.into_inner()).device_mut().set_backfill(b);
+    }
 }
 
 /// The enlightenment device (ID 63) on virtio-mmio, with its host API handle.
