@@ -181,9 +181,8 @@ impl Drop for Maps {
 #[repr(C)]
 struct Dev {
     work: bindings::work_struct,
-    /// Protects `maps`' free bitmap, `held`, `sweeping`, `cursor` against
-    /// the shrinker.
-    lock: bindings::spinlock_t,
+    /// What the shrinker shares (a separate allocation, only under its lock).
+    held: *mut Held,
     vdev: *mut bindings::virtio_device,
     cmd_vq: *mut bindings::virtqueue,
     reply_vq: *mut bindings::virtqueue,
@@ -195,26 +194,45 @@ struct Dev {
     maps: Option<Maps>,
     /// Sequence number of the Prepare whose maps are current (frames held).
     ready_seq: Option<u32>,
+    removing: bool,
+}
+
+/// The part of a device the shrinker (any reclaiming thread) shares with the
+/// work item. Its own allocation: neither side ever holds a reference to
+/// the other's data; `state` is only touched with `lock` held (see
+/// [`with_held`]).
+#[repr(C)]
+struct Held {
+    lock: bindings::spinlock_t,
+    state: HeldState,
+}
+
+struct HeldState {
+    /// The current free bitmap (the vmalloc'd buffer of `Dev::maps`), or
+    /// null; `free_len` bytes covering `frames` frames.
+    free: *mut u8,
+    free_len: usize,
+    frames: u64,
     /// The maps are being built: the shrinker may give held pages back.
     sweeping: bool,
     held: u64,
     released_under_pressure: u64,
-    /// Where the shrinker looks for held pages next (byte index).
+    /// Where give_back looks for held pages next (byte index).
     cursor: usize,
     /// Pages the sweep leaves free above each zone's high watermark.
     margin: i64,
-    removing: bool,
 }
 
-/// Runs `f` with `dev.lock` held.
-fn locked<R>(dev: *mut Dev, f: impl FnOnce(&mut Dev) -> R) -> R {
-    // SAFETY: `dev` is a live device; its lock was initialised at probe.
-    unsafe { bindings::spin_lock(ptr::addr_of_mut!((*dev).lock)) };
-    // SAFETY: the lock serialises the fields the closure touches between
-    // the work item and the shrinker.
-    let r = f(unsafe { &mut *dev });
+/// Runs `f` on the shared state with its lock held.
+fn with_held<R>(h: *mut Held, f: impl FnOnce(&mut HeldState) -> R) -> R {
+    // SAFETY: `h` is a live Held (freed only after the shrinker and the work
+    // item are gone); its lock was initialised at probe.
+    unsafe { bindings::spin_lock(ptr::addr_of_mut!((*h).lock)) };
+    // SAFETY: every access to `state` happens here, under the lock, so this
+    // is the only reference to it.
+    let r = f(unsafe { &mut *ptr::addr_of_mut!((*h).state) });
     // SAFETY: we hold the lock.
-    unsafe { bindings::spin_unlock(ptr::addr_of_mut!((*dev).lock)) };
+    unsafe { bindings::spin_unlock(ptr::addr_of_mut!((*h).lock)) };
     r
 }
 
@@ -386,13 +404,14 @@ impl Dev {
 
     /// Gives every held page back and frees the maps.
     fn release_all(&mut self) {
-        let dev: *mut Dev = self;
-        let maps = locked(dev, |d| {
-            d.sweeping = false;
-            d.ready_seq = None;
-            d.held = 0;
-            d.maps.take()
+        with_held(self.held, |h| {
+            h.sweeping = false;
+            h.held = 0;
+            h.free = ptr::null_mut();
+            h.free_len = 0;
         });
+        self.ready_seq = None;
+        let maps = self.maps.take();
         {
             let st = self.stats();
             st.held_pages = 0;
@@ -439,7 +458,7 @@ impl Dev {
         // in a guest that keeps running after Ready, until Done) find memory
         // without reclaim.
         let margin = (total / 64).clamp(2048, 32768);
-        self.margin = margin;
+        with_held(self.held, |h| h.margin = margin);
         let mut n = 0u64;
         // Zone by zone: the allocator prefers the highest zone and falls
         // back to lower ones only below their low watermark, which the
@@ -456,10 +475,10 @@ impl Dev {
     /// One sweep pass with allocation flags `gfp`; true if it stopped for
     /// memory pressure.
     fn sweep_zone(&mut self, gfp: bindings::gfp_t, margin: i64, n: &mut u64) -> bool {
-        let dev: *mut Dev = self;
+        let held = self.held;
         for order in (0..=bindings::ENL_MAX_PAGE_ORDER).rev() {
             loop {
-                if locked(dev, |d| d.released_under_pressure) > 0 {
+                if with_held(held, |h| h.released_under_pressure) > 0 {
                     // The shrinker ran: the guest needs memory. Stop.
                     return true;
                 }
@@ -483,17 +502,15 @@ impl Dev {
                     bindings::enl_page_to_pfn(page)
                 } as u64;
                 let count = 1u64 << order;
-                locked(dev, |d| {
-                    let frames = d.maps.as_ref().map_or(0, |m| m.frames);
-                    if let Some(m) = d.maps.as_mut() {
-                        let map = m.free_map();
-                        for p in pfn..pfn + count {
-                            if p < frames {
-                                let _ = wire::set_free_bit(map, p, true);
-                            }
+                with_held(held, |h| {
+                    let frames = h.frames;
+                    let map = h.free_map();
+                    for p in pfn..pfn + count {
+                        if p < frames {
+                            let _ = wire::set_free_bit(map, p, true);
                         }
                     }
-                    d.held += count;
+                    h.held += count;
                 });
                 *n += 1;
                 if *n % 32 == 0 {
@@ -647,13 +664,16 @@ impl Dev {
             self.reply_error(seq, wire::error_code::NO_MEMORY);
             return;
         }
-        let dev: *mut Dev = self;
-        locked(dev, |d| {
-            d.maps = Some(maps);
-            d.held = 0;
-            d.released_under_pressure = 0;
-            d.cursor = 0;
-            d.sweeping = true;
+        let (free, free_len) = (maps.free, maps.free_len);
+        self.maps = Some(maps);
+        with_held(self.held, |h| {
+            h.free = free;
+            h.free_len = free_len;
+            h.frames = frames;
+            h.held = 0;
+            h.released_under_pressure = 0;
+            h.cursor = 0;
+            h.sweeping = true;
         });
         self.sweep();
         let t1 = now_ns();
@@ -663,14 +683,14 @@ impl Dev {
         // First top the reserve up again if allocations that raced with
         // the sweep and the classification ate into it (back off without
         // waiting for reclaim): the guest keeps its reserve while it holds.
-        let (held, released) = locked(dev, |d| {
-            if let Some(room) = d.reserve_room() {
-                if room < d.margin / 2 {
-                    d.give_back((d.margin - room) as u64);
+        let (held, released) = with_held(self.held, |h| {
+            if let Some(room) = h.reserve_room() {
+                if room < h.margin / 2 {
+                    h.give_back((h.margin - room) as u64);
                 }
             }
-            d.sweeping = false;
-            (d.held, d.released_under_pressure)
+            h.sweeping = false;
+            (h.held, h.released_under_pressure)
         });
         if classified.is_err() || released > held {
             pr_warn!(
@@ -786,28 +806,41 @@ unsafe extern "C" fn vq_callback(vq: *mut bindings::virtqueue) {
 }
 
 unsafe extern "C" fn shrink_count(s: *mut bindings::shrinker, _sc: *mut bindings::shrink_control) -> c_ulong {
-    // SAFETY: private_data is the Dev, which frees the shrinker before it goes.
-    let dev = unsafe { (*s).private_data.cast::<Dev>() };
-    locked(dev, |d| if d.sweeping { d.held as c_ulong } else { 0 })
+    // SAFETY: private_data is the device's Held, freed only after the
+    // shrinker.
+    let h = unsafe { (*s).private_data.cast::<Held>() };
+    with_held(h, |h| if h.sweeping { h.held as c_ulong } else { 0 })
 }
 
 unsafe extern "C" fn shrink_scan(s: *mut bindings::shrinker, sc: *mut bindings::shrink_control) -> c_ulong {
     // SAFETY: as in shrink_count; `sc` is the caller's control block.
-    let (dev, want) = unsafe { ((*s).private_data.cast::<Dev>(), (*sc).nr_to_scan as u64) };
-    match locked(dev, |d| if d.sweeping { Some(d.give_back(want)) } else { None }) {
+    let (h, want) = unsafe { ((*s).private_data.cast::<Held>(), (*sc).nr_to_scan as u64) };
+    match with_held(h, |h| if h.sweeping { Some(h.give_back(want)) } else { None }) {
         Some(n) => n as c_ulong,
         None => !0, // SHRINK_STOP
     }
 }
 
-impl Dev {
+impl HeldState {
+    fn free_map(&mut self) -> &mut [u8] {
+        if self.free.is_null() {
+            return &mut [];
+        }
+        // SAFETY: `free` is the live vmalloc'd free bitmap of `free_len`
+        // bytes (cleared before the buffer is freed); while the maps are
+        // built only code holding the lock touches it.
+        unsafe { core::slice::from_raw_parts_mut(self.free, self.free_len) }
+    }
+
     /// Gives up to `want` held pages back (clearing their bits) while the
-    /// maps are being built; call with `lock` held. Returns how many.
+    /// maps are being built. Returns how many.
     fn give_back(&mut self, want: u64) -> u64 {
-        let Some(m) = self.maps.as_mut() else { return 0 };
-        let frames = m.frames;
+        let frames = self.frames;
         let mut cursor = self.cursor;
-        let map = m.free_map();
+        let map = self.free_map();
+        if map.is_empty() {
+            return 0;
+        }
         let mut freed = 0u64;
         let mut scanned = 0usize;
         while freed < want && scanned < map.len() {
@@ -828,18 +861,17 @@ impl Dev {
                 scanned += 1;
             }
         }
-        self.cursor = cursor % map.len().max(1);
+        self.cursor = cursor % map.len();
         self.held -= freed;
         self.released_under_pressure += freed;
         freed
     }
 
     /// Free pages above the high watermark in the zone of the first held
-    /// page (the sweep stopped there at `margin`); call with `lock` held.
+    /// page (the sweep stopped there at `margin`).
     fn reserve_room(&mut self) -> Option<i64> {
-        let m = self.maps.as_mut()?;
-        let frames = m.frames;
-        let map = m.free_map();
+        let frames = self.frames;
+        let map = self.free_map();
         let i = map.iter().position(|b| *b != 0)?;
         let pfn = i as u64 * 8 + u64::from(map[i].trailing_zeros());
         if pfn >= frames {
@@ -888,8 +920,7 @@ fn probe_inner(vdev: *mut bindings::virtio_device) -> Result {
             // SAFETY: all-zero is a valid initial bit pattern for these C
             // structs; both are initialised below before use.
             work: unsafe { core::mem::zeroed() },
-            // SAFETY: as above.
-            lock: unsafe { core::mem::zeroed() },
+            held: ptr::null_mut(),
             vdev,
             cmd_vq: ptr::null_mut(),
             reply_vq: ptr::null_mut(),
@@ -900,22 +931,37 @@ fn probe_inner(vdev: *mut bindings::virtio_device) -> Result {
             stats,
             maps: None,
             ready_seq: None,
-            sweeping: false,
-            held: 0,
-            released_under_pressure: 0,
-            cursor: 0,
-            margin: 0,
             removing: false,
         },
         GFP_KERNEL,
     )?;
+    let held = KBox::new(
+        Held {
+            // SAFETY: an all-zero spinlock is initialised below before use.
+            lock: unsafe { core::mem::zeroed() },
+            state: HeldState {
+                free: ptr::null_mut(),
+                free_len: 0,
+                frames: 0,
+                sweeping: false,
+                held: 0,
+                released_under_pressure: 0,
+                cursor: 0,
+                margin: 0,
+            },
+        },
+        GFP_KERNEL,
+    )?;
     let dev = KBox::into_raw(dev);
+    // SAFETY: `dev` was just allocated; the Held is owned by it from now on
+    // (freed by free_dev).
+    unsafe { (*dev).held = KBox::into_raw(held) };
     // SAFETY: `dev` is a fresh allocation we own; the work item, lock,
     // virtqueues and shrinker are set up before the device is made ready,
     // and every failure path undoes what was done.
     unsafe {
         bindings::enl_init_work(ptr::addr_of_mut!((*dev).work), Some(work_fn));
-        bindings::enl_spin_lock_init(ptr::addr_of_mut!((*dev).lock));
+        bindings::enl_spin_lock_init(ptr::addr_of_mut!((*(*dev).held).lock));
         let mut vqs: [*mut bindings::virtqueue; 2] = [ptr::null_mut(); 2];
         let mut info: [bindings::virtqueue_info; 2] = [
             bindings::virtqueue_info { name: kernel::c_str!("cmd").as_char_ptr(), callback: Some(vq_callback), ctx: false },
@@ -923,7 +969,7 @@ fn probe_inner(vdev: *mut bindings::virtio_device) -> Result {
         ];
         let r = bindings::enl_virtio_find_vqs(vdev, 2, vqs.as_mut_ptr(), info.as_mut_ptr());
         if r != 0 {
-            drop(KBox::from_raw(dev));
+            free_dev(dev);
             return Err(Error::from_errno(r));
         }
         (*dev).cmd_vq = vqs[wire::CMD_QUEUE as usize];
@@ -931,13 +977,13 @@ fn probe_inner(vdev: *mut bindings::virtio_device) -> Result {
         let s = bindings::shrinker_alloc(0, kernel::c_str!("enlighten").as_char_ptr());
         if s.is_null() {
             bindings::enl_virtio_del_vqs(vdev);
-            drop(KBox::from_raw(dev));
+            free_dev(dev);
             return Err(ENOMEM);
         }
         (*s).count_objects = Some(shrink_count);
         (*s).scan_objects = Some(shrink_scan);
         (*s).seeks = bindings::ENL_DEFAULT_SEEKS;
-        (*s).private_data = dev.cast::<c_void>();
+        (*s).private_data = (*dev).held.cast::<c_void>();
         bindings::shrinker_register(s);
         (*dev).shrinker = s;
         bindings::enl_virtio_set_priv(vdev, dev.cast::<c_void>());
@@ -951,6 +997,22 @@ fn probe_inner(vdev: *mut bindings::virtio_device) -> Result {
     }
     pr_info!("device bound (ABI version {})\n", version);
     Ok(())
+}
+
+/// Frees a device and its Held.
+///
+/// # Safety
+/// `dev` came from probe's `KBox::into_raw`, and nothing (work item,
+/// shrinker, callbacks) can reach it any more.
+unsafe fn free_dev(dev: *mut Dev) {
+    // SAFETY: per the contract; `held` is null or from KBox::into_raw.
+    unsafe {
+        let held = (*dev).held;
+        drop(KBox::from_raw(dev));
+        if !held.is_null() {
+            drop(KBox::from_raw(held));
+        }
+    }
 }
 
 unsafe extern "C" fn remove(vdev: *mut bindings::virtio_device) {
@@ -972,7 +1034,7 @@ unsafe extern "C" fn remove(vdev: *mut bindings::virtio_device) {
         while !bindings::virtqueue_detach_unused_buf((*dev).reply_vq).is_null() {}
         bindings::enl_virtio_del_vqs(vdev);
         bindings::enl_virtio_set_priv(vdev, ptr::null_mut());
-        drop(KBox::from_raw(dev));
+        free_dev(dev);
     }
     pr_info!("device removed; every held page was given back\n");
 }
