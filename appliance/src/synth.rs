@@ -79,8 +79,13 @@ fn mix(mut x: u64) -> u64 {
 impl Model {
     /// `features` features; `scale` multiplies their sizes (1.0: a few hundred MB per session).
     pub fn new(seed: u64, features: usize, scale: f64) -> Self {
-        let mem_chunks = (1u64 << 30) / CHUNK_SIZE as u64;
-        let disk_chunks = (8u64 << 30) / CHUNK_SIZE as u64;
+        Self::sized(seed, features, scale, 1 << 30, 8 << 30)
+    }
+
+    /// A model with `mem_bytes` of memory and a `disk_bytes` disk.
+    pub fn sized(seed: u64, features: usize, scale: f64, mem_bytes: u64, disk_bytes: u64) -> Self {
+        let mem_chunks = (mem_bytes / CHUNK_SIZE as u64).max(64);
+        let disk_chunks = (disk_bytes / CHUNK_SIZE as u64).max(1024);
         let mut r = Rng::new(seed);
         let extent = |r: &mut Rng, n: usize| -> Vec<ChunkKey> {
             let mut v = Vec::with_capacity(n);
@@ -130,6 +135,25 @@ impl Model {
         } else {
             600 + (h >> 8) % 3498
         }
+    }
+
+    /// Deterministic content for a chunk whose lz4 form is about
+    /// `bytes(k)` long: that many pseudo-random bytes, then zeros.
+    pub fn content(&self, k: ChunkKey) -> Vec<u8> {
+        let mut v = vec![0u8; CHUNK_SIZE];
+        let n = (self.bytes(k) as usize).min(CHUNK_SIZE);
+        let seed = match k {
+            ChunkKey::Mem(i) => mix(i ^ self.seed ^ 0x006d_656d),
+            ChunkKey::Disk(i) => mix(i ^ self.seed ^ 0x6469_736b),
+        };
+        let mut x = seed | 1;
+        for b in v[..n].iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        v
     }
 
     /// Chunks and bytes a full download transfers.
