@@ -196,13 +196,15 @@ impl Session {
 
     /// Fetches `hashes` with the VM paused (a buffering event).
     fn buffer(&self, hashes: &[ChunkHash]) -> Result<()> {
+        let cache = self.client.cache();
+        let hashes: Vec<ChunkHash> = hashes.iter().filter(|h| !cache.contains(h)).copied().collect();
         if hashes.is_empty() {
             return Ok(());
         }
         let t0 = Instant::now();
         let wait = self.recorder.waiting();
         self.set_buffering(true);
-        let res = self.client.fetch(hashes, Priority::Demand);
+        let res = self.client.fetch(&hashes, Priority::Demand);
         self.set_buffering(false);
         drop(wait);
         let waited = t0.elapsed();
