@@ -142,8 +142,14 @@ fn main() {
     let test = model.session(&tp);
     let accessed: u64 =
         test.accesses.iter().filter(|x| matches!(manifest.chunk(x.key), Some(ChunkRef::Data(_)))).count() as u64;
+    let unseen = test
+        .accesses
+        .iter()
+        .filter(|x| matches!(manifest.chunk(x.key), Some(ChunkRef::Data(_))) && k.cluster_of(x.key).is_none())
+        .count();
     println!(
-        "Knowledge v{v}: {} clusters from {} traces; test session {:.0} s touching {} stored chunks ({:.1} MB); setup {:.1} s",
+        "Knowledge v{v}: {} clusters from {} traces; test session {:.0} s touching {} stored chunks ({:.1} MB), \
+         {unseen} of them in no training trace; setup {:.1} s",
         k.clusters.len(),
         a.traces,
         test.span_us() as f64 / 1e6,
