@@ -278,6 +278,16 @@ impl<W: Write> FrameWriter<W> {
         Self { inner, seq: 0, bytes: 0 }
     }
 
+    /// Continues a connection on which `next_seq` frames were written.
+    pub fn with_seq(inner: W, next_seq: u64) -> Self {
+        Self { inner, seq: next_seq, bytes: 0 }
+    }
+
+    /// The sequence number the next frame will carry.
+    pub fn next_seq(&self) -> u64 {
+        self.seq
+    }
+
     /// Writes one frame whose payload is the concatenation of `parts`.
     pub fn send_parts(&mut self, kind: Kind, parts: &[&[u8]]) -> Result<(), WireError> {
         let len: usize = parts.iter().map(|p| p.len()).sum();

@@ -256,6 +256,9 @@ pub struct PostcopyIncoming {
     pub dest: Arc<Dest>,
     pub mode: String,
     pub rest: FrameReader<Box<dyn Read + Send>>,
+    /// The listener, for the source to reconnect on if a connection breaks.
+    listener: TcpListener,
+    key: Key,
 }
 
 impl PostcopyIncoming {
@@ -275,11 +278,12 @@ impl PostcopyIncoming {
     /// completion, acknowledgement. `mem` is the running VM's memory (for
     /// the progress timeline).
     pub fn finish_in_background(self, stream: &TcpStream, mem: Arc<GuestMem>) -> Result<(), String> {
-        let PostcopyIncoming { dest, mut rest, .. } = self;
+        let PostcopyIncoming { dest, rest, listener, key, .. } = self;
         *dest.resumed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
         let (m, stop, tl) = (mem, dest.sampling_done.clone(), dest.timeline.clone());
         std::thread::spawn(move || crate::postcopy::sample_progress(m, stop, tl));
         let main = stream.try_clone().map_err(|e| e.to_string())?;
+        let dest2 = dest.clone();
         let d = dest.clone();
         std::thread::Builder::new()
             .name("postcopy-free".into())
@@ -288,11 +292,16 @@ impl PostcopyIncoming {
         std::thread::Builder::new()
             .name("postcopy-main".into())
             .spawn(move || {
-                if let Err(e) = dest.main_reader(&mut rest, main) {
+                if let Err(e) = dest.main_reader((rest, main, 0)) {
                     log::error!("post-copy: {e}");
                 }
                 dest.sampling_done.store(true, std::sync::atomic::Ordering::Release);
             })
+            .map_err(|e| e.to_string())?;
+        let d = dest2;
+        std::thread::Builder::new()
+            .name("postcopy-resume".into())
+            .spawn(move || accept_reconnections(&d, &listener, &key))
             .map_err(|e| e.to_string())?;
         Ok(())
     }
@@ -302,6 +311,76 @@ impl PostcopyIncoming {
     /// Gives up on this migration: ends the fault threads.
     pub fn discard(&self) {
         self.dest.done.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Accepts a post-copy source's reconnections (after a broken connection)
+/// until every page is present and a while after.
+fn accept_reconnections(dest: &Arc<Dest>, listener: &TcpListener, key: &Key) {
+    use std::sync::atomic::Ordering;
+    if listener.set_nonblocking(true).is_err() {
+        return;
+    }
+    let mut done_since: Option<std::time::Instant> = None;
+    loop {
+        if dest.done.load(Ordering::Acquire) {
+            let t = *done_since.get_or_insert_with(std::time::Instant::now);
+            if t.elapsed() > Duration::from_secs(30) {
+                return;
+            }
+        }
+        let (mut s, peer) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+            Err(e) => {
+                log::warn!("post-copy: accepting a reconnection: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+        };
+        let _ = s.set_nonblocking(false);
+        let _ = s.set_nodelay(true);
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        if let Err(e) = wire::accept_handshake(&mut s, key, Channel::Main) {
+            log::warn!("post-copy: refused a connection from {peer}: {e}");
+            continue;
+        }
+        let Ok(r) = s.try_clone() else { continue };
+        let mut fr: FrameReader<Box<dyn Read + Send>> =
+            FrameReader::new(Box::new(BufReader::with_capacity(1 << 20, r)));
+        let token = dest.token.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match fr.expect() {
+            Ok(f) if f.kind == Kind::Info => {
+                let v: serde_json::Value = serde_json::from_slice(&f.payload).unwrap_or_default();
+                if v["resume"].as_str() != Some(token.as_str()) || token.is_empty() {
+                    log::warn!("post-copy: {peer} asked to resume another migration");
+                    continue;
+                }
+            }
+            Ok(f) => {
+                log::warn!("post-copy: {peer} sent {:?} instead of a resume request", f.kind);
+                continue;
+            }
+            Err(e) => {
+                log::warn!("post-copy: {peer}: {e}");
+                continue;
+            }
+        }
+        let demand = match accept_demand(listener, key, peer) {
+            Ok(d) => d,
+            Err(e) => {
+                log::warn!("post-copy: reconnection from {peer}: {e}");
+                continue;
+            }
+        };
+        let _ = listener.set_nonblocking(true);
+        let _ = s.set_read_timeout(None);
+        if let Err(e) = dest.reattach(fr, s, demand) {
+            log::warn!("post-copy: reconnection from {peer}: {e}");
+        }
     }
 }
 
@@ -367,7 +446,13 @@ fn receive_stream(stream: &TcpStream, peer: SocketAddr, listener: &TcpListener, 
                     if mode == "postcopy" || mode == "enlightened" {
                         // Guest RAM is untouched: register it before anything reads it.
                         let dest = Arc::new(Dest::register(&mem)?);
+                        *dest.token.lock().unwrap_or_else(|e| e.into_inner()) =
+                            v["token"].as_str().unwrap_or("").to_owned();
                         let demand = accept_demand(listener, key, peer)?;
+                        dest.set_sockets(vec![
+                            stream.try_clone().map_err(|e| e.to_string())?,
+                            demand.try_clone().map_err(|e| e.to_string())?,
+                        ]);
                         let reader = demand.try_clone().map_err(|e| e.to_string())?;
                         let (d1, d2) = (dest.clone(), dest.clone());
                         std::thread::Builder::new()
@@ -426,7 +511,13 @@ fn receive_stream(stream: &TcpStream, peer: SocketAddr, listener: &TcpListener, 
         }
         Some((dest, mode)) => {
             let (_, rest) = reader.read_memory_and_take_rest(&mem, &mut |_, _| {}).map_err(|e| e.to_string())?;
-            Some(PostcopyIncoming { dest, mode, rest: FrameReader::with_seq(rest, next_seq) })
+            Some(PostcopyIncoming {
+                dest,
+                mode,
+                rest: FrameReader::with_seq(rest, next_seq),
+                listener: listener.try_clone().map_err(|e| e.to_string())?,
+                key: key.clone(),
+            })
         }
     };
     let stream = stream.try_clone().map_err(|e| e.to_string())?;

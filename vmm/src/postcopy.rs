@@ -113,6 +113,18 @@ impl Bits {
     pub fn get(&self, i: u64) -> bool {
         self.0[(i / 64) as usize].load(Ordering::Acquire) & (1 << (i % 64)) != 0
     }
+    pub fn clear(&self, i: u64) {
+        self.0[(i / 64) as usize].fetch_and(!(1u64 << (i % 64)), Ordering::AcqRel);
+    }
+}
+
+/// A random token naming one migration (its reconnections present it).
+pub fn new_token() -> String {
+    let mut b = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut b);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Digest of one page's content (the first 8 bytes of its BLAKE3 hash).
@@ -417,6 +429,11 @@ impl Source {
 // Destination.
 // ---------------------------------------------------------------------------
 
+/// A main connection: its frame reader (positioned after the frames read so
+/// far), a handle to write on, and the sequence number of the next frame
+/// written on it.
+pub type MainConn = (FrameReader<Box<dyn Read + Send>>, TcpStream, u64);
+
 /// What the destination's threads share during post-copy.
 pub struct Dest {
     pub pager: pager::Pager,
@@ -444,6 +461,16 @@ pub struct Dest {
     pub completed_at: Mutex<Option<Instant>>,
     /// (unix ms, ops) samples of the guest's progress.
     pub timeline: Arc<Mutex<Vec<(u64, u64)>>>,
+    /// The migration's token (the source presents it to reconnect).
+    pub token: Mutex<String>,
+    /// A new demand connection for the fault thread (after a reconnection).
+    demand_slot: Mutex<Option<TcpStream>>,
+    /// A new main connection for the main reader (after a reconnection).
+    main_slot: (Mutex<Option<MainConn>>, std::sync::Condvar),
+    /// Sockets of the current connections (shut down when replaced, so
+    /// threads blocked on them wake up).
+    sockets: Mutex<Vec<TcpStream>>,
+    pub reconnections: AtomicU64,
     /// Ends the sampling.
     pub sampling_done: Arc<AtomicBool>,
 }
@@ -487,6 +514,11 @@ impl Dest {
             resumed_at: Mutex::new(None),
             completed_at: Mutex::new(None),
             timeline: Arc::new(Mutex::new(Vec::new())),
+            token: Mutex::new(String::new()),
+            demand_slot: Mutex::new(None),
+            main_slot: (Mutex::new(None), std::sync::Condvar::new()),
+            sockets: Mutex::new(Vec::new()),
+            reconnections: AtomicU64::new(0),
             sampling_done: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -597,11 +629,32 @@ impl Dest {
         Ok(())
     }
 
-    /// Turns userfaultfd faults into requests on the demand connection.
+    /// Turns userfaultfd faults into requests on the demand connection. If
+    /// the connection breaks, faulting vCPUs wait (the others run on) and the
+    /// requests still pending go out again on the next connection.
     pub fn fault_loop(&self, conn: TcpStream) {
-        let mut fw = FrameWriter::new(std::io::BufWriter::new(conn));
+        type Writer = FrameWriter<std::io::BufWriter<TcpStream>>;
+        let mut fw: Option<Writer> = Some(FrameWriter::new(std::io::BufWriter::new(conn)));
         let mut req = Vec::with_capacity(MAX_REQUEST * 8);
+        let send = |fw: &mut Option<Writer>, req: &[u8]| {
+            if let Some(w) = fw {
+                self.requests.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = w.send(Kind::Request, req).and_then(|_| w.flush()) {
+                    log::warn!("post-copy: demand connection lost ({e}); faulting vCPUs wait for the source");
+                    *fw = None;
+                }
+            }
+        };
         while !self.done.load(Ordering::Acquire) {
+            if let Some(c) = self.demand_slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                fw = Some(FrameWriter::new(std::io::BufWriter::new(c)));
+                let pending: Vec<u64> =
+                    self.pending.lock().unwrap_or_else(|e| e.into_inner()).keys().copied().collect();
+                for chunk in pending.chunks(MAX_REQUEST) {
+                    let b: Vec<u8> = chunk.iter().flat_map(|g| g.to_le_bytes()).collect();
+                    send(&mut fw, &b);
+                }
+            }
             let first = match self.pager.wait_fault(Duration::from_millis(50)) {
                 Ok(Some(gpa)) => gpa,
                 Ok(None) => continue,
@@ -638,13 +691,8 @@ impl Dest {
                     Err(e) => return self.fail(format!("userfaultfd: {e}")),
                 };
             }
-            if req.is_empty() {
-                continue;
-            }
-            self.requests.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = fw.send(Kind::Request, &req).and_then(|_| fw.flush()) {
-                // Faulting vCPUs stay blocked; the rest of the VM runs on.
-                return self.fail(format!("demand connection: {e}"));
+            if !req.is_empty() {
+                send(&mut fw, &req);
             }
         }
     }
@@ -663,7 +711,7 @@ impl Dest {
                 Ok(None) => return,
                 Err(e) => {
                     if !self.done.load(Ordering::Acquire) {
-                        self.fail(format!("demand connection: {e}"));
+                        log::warn!("post-copy: demand connection: {e}");
                     }
                     return;
                 }
@@ -674,16 +722,24 @@ impl Dest {
     /// Reads pushed pages until `Complete`, waits for the last demand
     /// answers, unregisters the userfaultfd and acknowledges with the
     /// integrity digest and the destination's statistics.
-    pub fn main_reader<R: Read>(&self, fr: &mut FrameReader<R>, mut main: TcpStream) -> Result<(), String> {
+    pub fn main_reader(&self, conn: MainConn) -> Result<(), String> {
+        let (mut fr, mut main, mut wseq) = conn;
         loop {
-            let f = fr.expect().map_err(|e| format!("main connection: {e}"))?;
-            match f.kind {
-                Kind::Pages => self.install_pages(&f.payload, false)?,
-                Kind::Zero => self.install_ranges(&decode_ranges(&f.payload, "zero")?, false)?,
-                Kind::Round => log::debug!("post-copy: round {:?}", &f.payload),
-                Kind::Complete => break,
-                Kind::Abort => return Err(format!("the source aborted: {}", String::from_utf8_lossy(&f.payload))),
-                other => return Err(format!("unexpected {other:?} frame during post-copy")),
+            match self.read_pushed(&mut fr) {
+                Ok(()) => break,
+                Err(e) => {
+                    // Wait for the source to reconnect; faulting vCPUs wait too.
+                    log::warn!("post-copy: main connection: {e}; waiting for the source to reconnect");
+                    let (slot, cv) = &self.main_slot;
+                    let mut g = slot.lock().unwrap_or_else(|p| p.into_inner());
+                    loop {
+                        if let Some(c) = g.take() {
+                            (fr, main, wseq) = c;
+                            break;
+                        }
+                        g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
+                    }
+                }
             }
         }
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -700,7 +756,7 @@ impl Dest {
         self.done.store(true, Ordering::Release);
         self.pager.unregister().map_err(|e| format!("unregistering the userfaultfd: {e}"))?;
         let summary = self.digests.summary();
-        let mut fw = FrameWriter::new(&mut main);
+        let mut fw = FrameWriter::with_seq(&mut main, wseq);
         fw.send(Kind::Ack, &summary).map_err(|e| format!("acknowledging: {e}"))?;
         fw.flush().map_err(|e| e.to_string())?;
         log::info!("post-copy: every page present; userfaultfd unregistered");
@@ -714,6 +770,89 @@ impl Dest {
         // SAFETY: setpriority on the calling thread (its tid); no memory is involved.
         unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
         self.collapse_huge_pages();
+        Ok(())
+    }
+
+    fn read_pushed(&self, fr: &mut FrameReader<Box<dyn Read + Send>>) -> Result<(), String> {
+        loop {
+            let f = fr.expect().map_err(|e| format!("{e}"))?;
+            match f.kind {
+                Kind::Pages => self.install_pages(&f.payload, false)?,
+                Kind::Zero => self.install_ranges(&decode_ranges(&f.payload, "zero")?, false)?,
+                Kind::Round => log::debug!("post-copy: round {:?}", &f.payload),
+                Kind::Complete => return Ok(()),
+                Kind::Abort => return Err(format!("the source aborted: {}", String::from_utf8_lossy(&f.payload))),
+                other => return Err(format!("unexpected {other:?} frame during post-copy")),
+            }
+        }
+    }
+
+    /// Records the sockets of the current connections.
+    pub fn set_sockets(&self, socks: Vec<TcpStream>) {
+        let old = std::mem::replace(&mut *self.sockets.lock().unwrap_or_else(|e| e.into_inner()), socks);
+        for s in old {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// The pages not yet present, as `(first_pfn, count)` ranges.
+    pub fn missing_ranges(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for i in 0..self.space.pages() {
+            let gpa = self.space.gpa(i);
+            if !self.pager.is_present(gpa) {
+                let pfn = gpa / PAGE;
+                match out.last_mut() {
+                    Some((a, n)) if *a + *n == pfn => *n += 1,
+                    _ => out.push((pfn, 1)),
+                }
+            }
+        }
+        out
+    }
+
+    /// A source reconnected (`main` authenticated, its resume request read):
+    /// tell it what is missing, then hand the connections to the threads.
+    pub fn reattach(
+        self: &Arc<Self>,
+        mut fr: FrameReader<Box<dyn Read + Send>>,
+        main: TcpStream,
+        demand: TcpStream,
+    ) -> Result<(), String> {
+        let missing = self.missing_ranges();
+        let n: u64 = missing.iter().map(|r| r.1).sum();
+        let mut w = main.try_clone().map_err(|e| e.to_string())?;
+        let mut fw = FrameWriter::new(&mut w);
+        let io = |e: wire::WireError| format!("answering the reconnection: {e}");
+        fw.send(Kind::Info, json!({"resumed": true, "missing": n}).to_string().as_bytes()).map_err(io)?;
+        send_ranges(&mut fw, Kind::FreeRanges, &missing)?;
+        fw.send(Kind::Complete, &[]).map_err(io)?;
+        fw.flush().map_err(io)?;
+        let wseq = fw.next_seq();
+        self.reconnections.fetch_add(1, Ordering::Relaxed);
+        log::info!("post-copy: the source reconnected; {n} pages still missing");
+        if self.done.load(Ordering::Acquire) {
+            // Already complete: acknowledge again on the new connection.
+            fr.expect().map_err(|e| e.to_string())?;
+            fw.send(Kind::Ack, &self.digests.summary()).map_err(io)?;
+            fw.send(Kind::Info, self.stats().to_string().as_bytes()).map_err(io)?;
+            fw.flush().map_err(io)?;
+            return Ok(());
+        }
+        self.set_sockets(vec![
+            main.try_clone().map_err(|e| e.to_string())?,
+            demand.try_clone().map_err(|e| e.to_string())?,
+        ]);
+        let reader = demand.try_clone().map_err(|e| e.to_string())?;
+        let d = self.clone();
+        std::thread::Builder::new()
+            .name("postcopy-demand".into())
+            .spawn(move || d.demand_reader(reader))
+            .map_err(|e| e.to_string())?;
+        *self.demand_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(demand);
+        let (slot, cv) = &self.main_slot;
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some((fr, main, wseq));
+        cv.notify_all();
         Ok(())
     }
 
@@ -777,6 +916,7 @@ impl Dest {
             "zero_pages": self.zero_pages.load(Ordering::Relaxed),
             "free_pages": self.free_pages.load(Ordering::Relaxed),
             "free_faults": self.free_faults.load(Ordering::Relaxed),
+            "reconnections": self.reconnections.load(Ordering::Relaxed),
             "fault_latency_ms": {
                 "count": lat.len(),
                 "p50": pct(0.50), "p90": pct(0.90), "p99": pct(0.99),

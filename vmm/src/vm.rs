@@ -393,7 +393,8 @@ impl Shared {
         let writer = stream.try_clone().map_err(|e| e.to_string())?;
         let mut fw = FrameWriter::new(std::io::BufWriter::with_capacity(1 << 20, self.migration.counting(writer)));
         fw.send(Kind::Config, &serde_json::to_vec(&self.config).map_err(|e| e.to_string())?).map_err(io)?;
-        fw.send(Kind::Info, json!({"mode": mode.name()}).to_string().as_bytes()).map_err(io)?;
+        let token = crate::postcopy::new_token();
+        fw.send(Kind::Info, json!({"mode": mode.name(), "token": token}).to_string().as_bytes()).map_err(io)?;
         fw.flush().map_err(io)?;
         let demand = crate::migration::connect_channel(to, key, Channel::Demand)?;
         postcopy::mark_interactive(&demand);
@@ -505,35 +506,69 @@ impl Shared {
             }
         };
         self.migration.set(mode, "post-copy push");
-        let post = (|| -> Result<(Value, [u8; 32], Value, f64), String> {
-            let rounds_report = source.push(&rounds, &mut fw, t0)?;
-            fw.send(Kind::Complete, &[]).map_err(io)?;
-            fw.flush().map_err(io)?;
-            stream.set_read_timeout(Some(Duration::from_secs(120))).map_err(|e| e.to_string())?;
-            let mut fr = FrameReader::new(std::io::BufReader::new(&stream));
-            let ack = fr.expect().map_err(|e| format!("waiting for the destination's acknowledgement: {e}"))?;
-            if ack.kind != Kind::Ack || ack.payload.len() != 32 {
-                return Err(format!("the destination answered {:?} instead of acknowledging every page", ack.kind));
+        // Push until every page is acknowledged. A broken connection is
+        // re-established (the destination says what it still lacks) for as
+        // long as it takes: this VMM holds the only copy of those pages.
+        let mut stream = stream;
+        let mut demand = demand;
+        let mut fr = FrameReader::new(std::io::BufReader::new(stream.try_clone().map_err(|e| e.to_string())?));
+        let mut reconnections = 0u64;
+        let (rounds_report, dest_digest, dest, total_ms) = loop {
+            let attempt = (|| -> Result<(Value, [u8; 32], Value, f64), String> {
+                let rounds_report = source.push(&rounds, &mut fw, t0)?;
+                fw.send(Kind::Complete, &[]).map_err(io)?;
+                fw.flush().map_err(io)?;
+                stream.set_read_timeout(Some(Duration::from_secs(120))).map_err(|e| e.to_string())?;
+                let ack = fr.expect().map_err(|e| format!("waiting for the destination's acknowledgement: {e}"))?;
+                if ack.kind != Kind::Ack || ack.payload.len() != 32 {
+                    return Err(format!("the destination answered {:?} instead of acknowledging every page", ack.kind));
+                }
+                let total_ms = ms(t0.elapsed());
+                let info = fr.expect().map_err(|e| format!("waiting for the destination's statistics: {e}"))?;
+                let dest: Value = if info.kind == Kind::Info {
+                    serde_json::from_slice(&info.payload).unwrap_or(Value::Null)
+                } else {
+                    Value::Null
+                };
+                let mut digest = [0u8; 32];
+                digest.copy_from_slice(&ack.payload);
+                Ok((rounds_report, digest, dest, total_ms))
+            })();
+            match attempt {
+                Ok(v) => break v,
+                Err(e) => {
+                    log::warn!("post-copy to {to}: {e}; reconnecting (the VM runs there, its pages are here)");
+                    self.migration.set(mode, "post-copy: reconnecting");
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                    let _ = demand.shutdown(std::net::Shutdown::Both);
+                    if let Some(t) = demand_thread.take() {
+                        let _ = t.join();
+                    }
+                    let mut tries = 0u64;
+                    let (nfw, nstream, ndemand, nfr) = loop {
+                        std::thread::sleep(Duration::from_millis(500));
+                        match self.postcopy_reconnect(to, key, &token, &source) {
+                            Ok(c) => break c,
+                            Err(e) => {
+                                tries += 1;
+                                if tries % 10 == 1 {
+                                    log::warn!("post-copy: cannot reconnect to {to} yet: {e}");
+                                }
+                            }
+                        }
+                    };
+                    (fw, stream, demand, fr) = (nfw, nstream, ndemand, nfr);
+                    let (src, conn) = (source.clone(), demand.try_clone().map_err(|e| e.to_string())?);
+                    let counter = self.migration.bytes.clone();
+                    demand_thread = Some(std::thread::spawn(move || src.serve_demand(conn, counter)));
+                    reconnections += 1;
+                    self.migration.set(mode, "post-copy push");
+                    log::info!("post-copy: reconnected to {to}");
+                }
             }
-            let total_ms = ms(t0.elapsed());
-            let info = fr.expect().map_err(|e| format!("waiting for the destination's statistics: {e}"))?;
-            let dest: Value = if info.kind == Kind::Info {
-                serde_json::from_slice(&info.payload).unwrap_or(Value::Null)
-            } else {
-                Value::Null
-            };
-            let mut digest = [0u8; 32];
-            digest.copy_from_slice(&ack.payload);
-            Ok((rounds_report, digest, dest, total_ms))
-        })();
+        };
         let _ = demand.shutdown(std::net::Shutdown::Both);
         let demand_result = demand_thread.map(|t| t.join());
-        let (rounds_report, dest_digest, dest, total_ms) = post.map_err(|e| {
-            format!(
-                "post-copy to {to} broke after the switch-over (the VM runs at the destination; this VMM keeps \
-                 its memory until it exits): {e}"
-            )
-        })?;
         if let Some(Ok(Err(e))) = demand_result {
             log::debug!("demand thread ended: {e}");
         }
@@ -579,6 +614,7 @@ impl Shared {
                 "demand_duplicates": ld(&source.demand_duplicates),
             },
             "free_pages_sent": ld(&source.free_pages_sent),
+            "reconnections": reconnections,
             "enlightenment": enlightenment.as_ref().map(|e| e.summary()),
             "rounds": per_round,
             "classes": classes,
@@ -605,6 +641,62 @@ impl Shared {
             return Err(format!("integrity check failed: {report}"));
         }
         Ok(report)
+    }
+
+    /// Re-establishes both connections of a post-copy migration whose
+    /// connection broke; returns them with the pages the destination lacks
+    /// marked unsent.
+    #[allow(clippy::type_complexity)]
+    fn postcopy_reconnect(
+        &self,
+        to: &str,
+        key: &migrate::wire::Key,
+        token: &str,
+        source: &crate::postcopy::Source,
+    ) -> Result<
+        (
+            migrate::wire::FrameWriter<std::io::BufWriter<crate::migration::SharedCounting<std::net::TcpStream>>>,
+            std::net::TcpStream,
+            std::net::TcpStream,
+            migrate::wire::FrameReader<std::io::BufReader<std::net::TcpStream>>,
+        ),
+        String,
+    > {
+        use migrate::wire::{Channel, FrameReader, FrameWriter, Kind};
+        let io = |e: migrate::wire::WireError| e.to_string();
+        let stream = crate::migration::connect_channel(to, key, Channel::Main)?;
+        let w = self.migration.counting(stream.try_clone().map_err(|e| e.to_string())?);
+        let mut fw = FrameWriter::new(std::io::BufWriter::with_capacity(1 << 20, w));
+        fw.send(Kind::Info, json!({"resume": token}).to_string().as_bytes()).map_err(io)?;
+        fw.flush().map_err(io)?;
+        let demand = crate::migration::connect_channel(to, key, Channel::Demand)?;
+        crate::postcopy::mark_interactive(&demand);
+        stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+        let mut fr = FrameReader::new(std::io::BufReader::new(stream.try_clone().map_err(|e| e.to_string())?));
+        let info = fr.expect().map_err(io)?;
+        if info.kind != Kind::Info {
+            return Err(format!("the destination answered {:?} to the resume request", info.kind));
+        }
+        let mut missing = 0;
+        loop {
+            let f = fr.expect().map_err(io)?;
+            match f.kind {
+                Kind::FreeRanges => {
+                    for (pfn, count) in crate::postcopy::decode_ranges(&f.payload, "missing ranges")? {
+                        for (first, n) in source.space.clip(pfn, count) {
+                            for i in first..first + n {
+                                source.sent.clear(i);
+                            }
+                            missing += n;
+                        }
+                    }
+                }
+                Kind::Complete => break,
+                other => return Err(format!("unexpected {other:?} frame in the resume answer")),
+            }
+        }
+        log::info!("post-copy: the destination lacks {missing} pages");
+        Ok((fw, stream, demand, fr))
     }
 
     /// Builds the snapshot of the paused VM and hands it to `f`.

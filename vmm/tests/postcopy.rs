@@ -277,3 +277,72 @@ fn destination_dying_before_the_commit_leaves_the_source_running() {
     assert_eq!(o.code, Some(0), "{o}");
     assert_eq!(o.json()["errors"], 0, "{o}");
 }
+
+/// Connections destroyed after the switch-over (as a firewall or a NAT
+/// reset would): the source reconnects, the destination says which pages it
+/// still lacks, and the migration completes with no page lost.
+#[test]
+fn connections_reset_after_switchover_are_reestablished() {
+    let pair = NetnsPair::create(Some(1_000_000_000)).unwrap();
+    let d = TempDir::new("mig-reset");
+    let key = d.path("key");
+    std::fs::write(&key, b"0123456789abcdef-test-migration-key").unwrap();
+    let sock = d.path("src.sock");
+    let dst_sock = d.path("dst.sock");
+    let to = format!("{DST_IP}:7122");
+    let dst = spawn_in(
+        &pair,
+        Side::Dst,
+        &["receive", "--listen", &to, "--key-file", path_str(&key), "--api-sock", path_str(&dst_sock)],
+    );
+    let src = spawn_in(
+        &pair,
+        Side::Src,
+        &[
+            "run",
+            "--testbed",
+            "kv,share=20,value=1024,stale=40",
+            "--mem",
+            "1G",
+            "--vcpus",
+            "2",
+            "--api-sock",
+            path_str(&sock),
+        ],
+    );
+    wait_for_run_phase(&sock);
+    let report_path = d.path("report.json");
+    let mut mig = Command::new(vmm_bin())
+        .args(["migrate", "--api-sock", path_str(&sock), "--to", &to, "--mode", "postcopy"])
+        .args(["--key-file", path_str(&key), "--report", path_str(&report_path)])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !dst_sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(60), "the switch-over never happened");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Twice: destroy every connection between the two hosts.
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(700));
+        let st = pair.command(Side::Src, "ss").args(["-K", "dst", &DST_IP.to_string()]).status().unwrap();
+        assert!(st.success());
+    }
+    let status = mig.wait().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    assert!(status.success(), "{report}");
+    assert!(report["reconnections"].as_u64().unwrap() >= 1, "{report}");
+    assert_eq!(report["integrity"]["match"], true, "{report}");
+    let so = wait_output(src, T);
+    assert_eq!(so.json()["exit"], "migrated", "{so}");
+    std::thread::sleep(Duration::from_millis(500));
+    let st = api(&dst_sock, "status");
+    assert_eq!(st["workload"]["errors"], 0, "{st}");
+    assert_eq!(api(&dst_sock, "shutdown")["ok"], true);
+    let d_out = wait_output(dst, T);
+    assert_eq!(d_out.code, Some(0), "{d_out}");
+    assert_eq!(d_out.json()["errors"], 0, "{d_out}");
+    eprintln!("reset: {} reconnections, total {} ms", report["reconnections"], report["total_duration_ms"]);
+}
