@@ -73,6 +73,16 @@ fn read_line<R: BufRead>(r: &mut R, first: bool) -> Result<String, ReadError> {
 /// line's shape). Bodies need `Content-Length` and at most `max_body` bytes.
 /// Returns the message and whether the first line says HTTP/1.0.
 pub fn read_message(r: &mut impl BufRead, is_response: bool, max_body: usize) -> Result<(Message, bool), ReadError> {
+    read_message_with(r, is_response, &|_, _| max_body)
+}
+
+/// Like [`read_message`], with the body limit chosen from the first line
+/// (method and path of a request).
+pub fn read_message_with(
+    r: &mut impl BufRead,
+    is_response: bool,
+    max_body: &dyn Fn(&str, &str) -> usize,
+) -> Result<(Message, bool), ReadError> {
     let mut line = read_line(r, true)?;
     // Tolerate stray empty lines between messages (RFC 9112 2.2).
     let mut skipped = 0;
@@ -112,11 +122,17 @@ pub fn read_message(r: &mut impl BufRead, is_response: bool, max_body: usize) ->
         None => 0,
         Some(v) => v.parse::<usize>().map_err(|_| ReadError::Bad(400, "bad Content-Length".into()))?,
     };
-    if len > max_body {
-        return Err(ReadError::Bad(413, format!("body of {len} bytes exceeds the limit of {max_body}")));
+    let limit = max_body(&m.first, &m.second);
+    if len > limit {
+        return Err(ReadError::Bad(413, format!("body of {len} bytes exceeds the limit of {limit}")));
     }
-    m.body = vec![0; len];
-    r.read_exact(&mut m.body)?;
+    // Grow with the bytes that actually arrive: a peer announcing a large
+    // body and sending little costs little memory.
+    m.body = Vec::with_capacity(len.min(1 << 20));
+    Read::take(&mut *r, len as u64).read_to_end(&mut m.body)?;
+    if m.body.len() != len {
+        return Err(ReadError::Io(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-body")));
+    }
     Ok((m, http10))
 }
 

@@ -150,7 +150,7 @@ fn handle_connection(store: &Store, conn: TcpStream) {
     let mut w = BufWriter::with_capacity(256 << 10, wconn);
     let mut interactive = false;
     loop {
-        let (req, http10) = match http::read_message(&mut r, false, MAX_TRACE) {
+        let (req, http10) = match http::read_message_with(&mut r, false, &body_limit) {
             Ok(x) => x,
             Err(ReadError::Closed) | Err(ReadError::Io(_)) => return,
             Err(ReadError::Bad(status, why)) => {
@@ -171,6 +171,15 @@ fn handle_connection(store: &Store, conn: TcpStream) {
         if http::write_response(&mut w, status, &headers, &body, close).is_err() || close {
             return;
         }
+    }
+}
+
+/// Largest request body per route.
+fn body_limit(method: &str, path: &str) -> usize {
+    match method {
+        "POST" if path.starts_with("/v1/chunks:batch") => MAX_BATCH * 32,
+        "POST" => MAX_TRACE,
+        _ => 4096,
     }
 }
 

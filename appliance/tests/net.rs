@@ -182,6 +182,11 @@ fn malformed_requests_keepalive_and_concurrency() {
     assert!(raw(a, b"POST /v1/chunks:batch HTTP/1.1\r\nContent-Length: 5\r\nConnection: close\r\n\r\nabcde")
         .starts_with("HTTP/1.1 400"));
     assert!(raw(a, b"DELETE /v1/appliances/app HTTP/1.1\r\nConnection: close\r\n\r\n").starts_with("HTTP/1.1 405"));
+    // Body limits per route: a batch of more than 4096 hashes, a GET with a body.
+    assert!(raw(a, b"POST /v1/chunks:batch HTTP/1.1\r\nContent-Length: 200000\r\n\r\n").starts_with("HTTP/1.1 413"));
+    assert!(raw(a, b"GET /v1/appliances/app HTTP/1.1\r\nContent-Length: 5000\r\n\r\n").starts_with("HTTP/1.1 413"));
+    // A trace announced as 100 MB that never comes: the connection just ends.
+    assert_eq!(raw(a, b"POST /v1/appliances/app/traces HTTP/1.1\r\nContent-Length: 100000000\r\n\r\nabc"), "");
     assert!(raw(a, b"GET /v1/appliances/..%2f HTTP/1.1\r\nConnection: close\r\n\r\n").starts_with("HTTP/1.1 400"));
     // A client that sends half a request and goes away does not hurt the server.
     drop(raw(a, b"POST /v1/chunks:batch HTTP/1.1\r\nContent-Length: 64\r\n\r\nshort"));
