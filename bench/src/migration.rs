@@ -184,6 +184,8 @@ pub fn summarize(report: &Value, sc: &Scenario) -> Value {
         "fault_p99_ms": report["fault_latency_ms"]["p99"],
         "ops_per_sec_before": base,
         "back_to_90pct_ms": back_ms,
+        // How far the destination was watched (for "not within").
+        "watched_ms": dst.last().map(|p| p.0),
         "integrity": report["integrity"]["match"],
     })
 }

@@ -130,6 +130,7 @@ pub fn run(elf: &Path, sc: &Scenario, postcopy: bool, port: u16, dir: &Path) -> 
     }
     std::thread::sleep(Duration::from_secs_f64(sc.warmup_s));
     let before = progress(&src_serial);
+    let t0_wall = Instant::now();
     let base = match before.as_slice() {
         [.., a, b] => (b.1 - a.1) as f64 / (b.0 - a.0).max(1) as f64,
         _ => 0.0,
@@ -172,6 +173,18 @@ pub fn run(elf: &Path, sc: &Scenario, postcopy: bool, port: u16, dir: &Path) -> 
     let dinfo = qd.cmd("query-migrate", json!({})).unwrap_or(Value::Null);
     std::thread::sleep(Duration::from_secs_f64(sc.after_s.max(3.0)));
     let dst_prog = progress(&dir.join(format!("{dname}.serial")));
+    // The guest prints its progress once a (guest) second; its clock runs on
+    // across the migration. Guest time at the migration's start: the last
+    // line before it, plus the time since (1 s resolution).
+    let guest_t0 = before.last().map(|p| p.0 as f64).unwrap_or(0.0)
+        + (t0 - t0_wall).as_secs_f64().clamp(0.0, 1.0)
+        + 0.5;
+    let back_ms = dst_prog
+        .windows(2)
+        .filter(|w| w[1].0 > w[0].0 && w[1].1 >= w[0].1)
+        .find(|w| w[1].0 as f64 > guest_t0 && (w[1].1 - w[0].1) as f64 / (w[1].0 - w[0].0) as f64 >= 0.9 * base)
+        .map(|w| ((w[1].0 as f64 - guest_t0) * 1000.0).max(0.0));
+    let watched_ms = dst_prog.last().map(|p| (p.0 as f64 - guest_t0) * 1000.0);
     let errors = dst_prog.last().map(|p| p.2).unwrap_or(0) + before.last().map(|p| p.2).unwrap_or(0);
     let downtime = info["downtime"].as_f64();
     Ok(json!({
@@ -185,7 +198,8 @@ pub fn run(elf: &Path, sc: &Scenario, postcopy: bool, port: u16, dir: &Path) -> 
         "fault_mean_ms": dinfo["postcopy-latency"].as_u64().map(|ns| ns as f64 / 1e6),
         "postcopy_blocktime_ms": dinfo["postcopy-blocktime"],
         "ops_per_sec_before": base,
-        "back_to_90pct_ms": null,
+        "back_to_90pct_ms": back_ms,
+        "watched_ms": watched_ms,
         "integrity": if dst_prog.len() >= 2 && errors == 0 { json!("guest-verified") } else { json!(false) },
         "guest_errors": errors,
         "qemu": info,
