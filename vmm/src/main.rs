@@ -121,7 +121,12 @@ enum Command {
         /// Serve the control API on this Unix socket.
         #[arg(long, value_name = "PATH")]
         api_sock: Option<PathBuf>,
-        /// Ignore the server's knowledge: fetch on demand only (a baseline).
+        /// How state arrives: vtube (dynamic streaming from the server's knowledge of earlier
+        /// runs), demand (each chunk on first access), full (everything before the VM starts),
+        /// vmtorrent (VMTorrent's profile order).
+        #[arg(long, default_value = "vtube", value_parser = ["vtube", "demand", "full", "vmtorrent"])]
+        mode: String,
+        /// Same as --mode demand.
         #[arg(long)]
         demand_only: bool,
         /// Do not upload this session's trace.
@@ -301,16 +306,24 @@ fn stream(
     cache: &str,
     serial: &str,
     api_sock: Option<PathBuf>,
-    demand_only: bool,
+    mode: &str,
     upload: bool,
 ) -> ExitCode {
     let cache = match cache.strip_prefix("~/") {
         Some(rest) => std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default().join(rest),
         None => PathBuf::from(cache),
     };
+    use appliance::session::Mode;
+    let session_mode = match mode {
+        "demand" => Mode::DemandOnly,
+        "full" => Mode::FullDownload,
+        "vmtorrent" => Mode::VmTorrent { window: 16 },
+        _ => Mode::VTube,
+    };
     let cfg = appliance::session::SessionConfig {
-        use_knowledge: !demand_only,
-        params: serde_json::json!({"url": url, "demand_only": demand_only}),
+        mode: session_mode,
+        use_knowledge: mode != "demand",
+        params: serde_json::json!({"url": url, "mode": mode}),
         ..Default::default()
     };
     let streamed = match vmm::stream::start(url, name, &cache, serial_out(serial), cfg) {
@@ -478,8 +491,9 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Stream { url, name, cache, serial, api_sock, demand_only, no_upload } => {
-            stream(&url, &name, &cache, &serial, api_sock, demand_only, !no_upload)
+        Command::Stream { url, name, cache, serial, api_sock, mode, demand_only, no_upload } => {
+            let mode = if demand_only { "demand".to_string() } else { mode };
+            stream(&url, &name, &cache, &serial, api_sock, &mode, !no_upload)
         }
         Command::Api { api_sock, command } => match vmm::api::request(&api_sock, &command) {
             Ok(v) => {
