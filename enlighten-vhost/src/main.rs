@@ -60,14 +60,18 @@ fn main() -> ExitCode {
     std::thread::spawn(move || control.serve(listener));
     let _ = std::fs::remove_file(&args.socket);
     log::info!("enlighten-vhost: serving {} (control {})", args.socket, args.control);
-    match daemon.serve(&args.socket) {
+    let code = match daemon.serve(&args.socket) {
         Ok(()) => {
             log::info!("enlighten-vhost: front-end disconnected");
-            ExitCode::SUCCESS
+            0
         }
         Err(e) => {
             eprintln!("enlighten-vhost: {e}");
-            ExitCode::FAILURE
+            1
         }
-    }
+    };
+    // Exit without dropping the daemon: its vring worker threads wait for an
+    // exit event that a finished connection no longer sends, so the drop
+    // would hang. There is nothing to flush.
+    std::process::exit(code)
 }

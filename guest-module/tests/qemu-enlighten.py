@@ -168,9 +168,12 @@ class Guest:
             raise Fail("QEMU did not power off")
         finally:
             try:
-                self.vhost.wait(timeout=5)
+                rc = self.vhost.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self.vhost.kill()
+                raise Fail("enlighten-vhost did not exit after QEMU disconnected")
+        if rc != 0:
+            raise Fail(f"enlighten-vhost exited with status {rc}")
 
     def kill(self):
         for p in (self.qemu, self.vhost):
