@@ -365,25 +365,29 @@ impl Session {
             }
             return Ok(Some(c));
         }
+        // A demand access to a cluster not decided yet: decide first, so the
+        // accessed chunk arrives with its cluster in one buffering request
+        // (one round trip, not two).
+        if let Some(cl) = cluster {
+            let before = self.lock().stats.buffering_events;
+            self.decide(Current::Cluster(cl), false)?;
+            if self.lock().stats.buffering_events != before {
+                if let Some(c) = self.client.cache().get(&h)? {
+                    self.recorder.record(key);
+                    return Ok(Some(c));
+                }
+            }
+        }
+        // Outside every cluster, or its cluster already decided: fetch it alone.
         let t0 = Instant::now();
         let wait = self.recorder.waiting();
         let content = self.client.chunk(&h);
         drop(wait);
         let content = content?;
-        let waited = t0.elapsed();
-        {
-            let mut st = self.lock();
-            st.stats.net_wait_s += waited.as_secs_f64();
-        }
-        let before = self.lock().stats.buffering_events;
-        if let Some(cl) = cluster {
-            self.decide(Current::Cluster(cl), false)?;
-        }
         self.recorder.record(key);
         let mut st = self.lock();
-        if st.stats.buffering_events == before {
-            st.stats.misses += 1;
-        }
+        st.stats.net_wait_s += t0.elapsed().as_secs_f64();
+        st.stats.misses += 1;
         Ok(Some(content))
     }
 
