@@ -151,7 +151,32 @@ pub fn start(url: &str, name: &str, cache: &Path, serial: SerialOut, cfg: Sessio
             d.set_backfill(b.clone());
         }
     }
+    // Buffering (vTube): the whole VM waits, not just the faulting vCPU.
+    {
+        let (sess, shared, st) = (session.clone(), vm.shared(), stop.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name("stream-buffering".into())
+                .spawn(move || pause_while_buffering(&sess, &shared, &st))
+                .map_err(|e| e.to_string())?,
+        );
+    }
     Ok(Streamed { vm, session, stop, threads, pager })
+}
+
+fn pause_while_buffering(session: &Session, shared: &crate::vm::Shared, stop: &AtomicBool) {
+    use crate::api::ApiTarget;
+    while !stop.load(Ordering::Acquire) {
+        if !session.buffering() {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
+        let ours = !shared.control.is_paused() && shared.pause().is_ok();
+        session.wait_resumed();
+        if ours {
+            shared.control.resume();
+        }
+    }
 }
 
 fn serve_faults(pager: &pager::Pager, session: &Session, stop: &AtomicBool) {
