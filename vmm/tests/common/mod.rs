@@ -114,7 +114,13 @@ pub fn wait_for_run_phase(sock: &Path) -> u64 {
         std::thread::sleep(Duration::from_millis(20));
     }
     loop {
-        let st = api(sock, "status");
+        // The socket file exists a moment before the VMM listens on it.
+        let out = Command::new(vmm_bin()).args(["api", "--api-sock", path_str(sock), "status"]).output().unwrap();
+        let Ok(st) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+            assert!(start.elapsed() < Duration::from_secs(60), "the API never answered: {out:?}");
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
         if st["workload"]["phase"] == "run" && st["workload"]["ops"].as_u64().unwrap_or(0) > 0 {
             return st["workload"]["ops"].as_u64().unwrap();
         }
