@@ -176,9 +176,8 @@ pub fn run(elf: &Path, sc: &Scenario, postcopy: bool, port: u16, dir: &Path) -> 
     // The guest prints its progress once a (guest) second; its clock runs on
     // across the migration. Guest time at the migration's start: the last
     // line before it, plus the time since (1 s resolution).
-    let guest_t0 = before.last().map(|p| p.0 as f64).unwrap_or(0.0)
-        + (t0 - t0_wall).as_secs_f64().clamp(0.0, 1.0)
-        + 0.5;
+    let guest_t0 =
+        before.last().map(|p| p.0 as f64).unwrap_or(0.0) + (t0 - t0_wall).as_secs_f64().clamp(0.0, 1.0) + 0.5;
     let back_ms = dst_prog
         .windows(2)
         .filter(|w| w[1].0 > w[0].0 && w[1].1 >= w[0].1)
