@@ -117,23 +117,11 @@ pub fn start(url: &str, name: &str, cache: &Path, serial: SerialOut, cfg: Sessio
 
     // The disk: a sparse overlay, populated on access.
     let mut backfill = None;
-    if let Some(size) = m.disk_size {
+    if m.disk_size.is_some() {
         let path = cache.join(format!("{name}-{}.overlay", session.manifest_hash().to_hex()));
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
+        let overlay = appliance::overlay::DiskOverlay::create(session.clone(), &path)
             .map_err(|e| format!("disk overlay {}: {e}", path.display()))?;
-        f.set_len(size).map_err(|e| format!("disk overlay {}: {e}", path.display()))?;
-        let chunks = size.div_ceil(appliance::CHUNK_SIZE as u64);
-        backfill = Some(Arc::new(DiskBackfill {
-            session: session.clone(),
-            file: f,
-            size,
-            present: std::sync::Mutex::new(vec![false; chunks as usize]),
-        }));
+        backfill = Some(Arc::new(DiskBackfill(overlay)));
         reader.snapshot.config.disks = vec![path];
     } else {
         reader.snapshot.config.disks.clear();
@@ -214,38 +202,22 @@ fn serve_faults(pager: &pager::Pager, session: &Session, stop: &AtomicBool) {
     }
 }
 
-/// The streamed disk's overlay: which chunks are present, and how to fetch
-/// the others.
-struct DiskBackfill {
-    session: Arc<Session>,
-    file: std::fs::File,
-    size: u64,
-    present: std::sync::Mutex<Vec<bool>>,
-}
+/// The streamed disk: the virtio-blk device reads and writes the overlay
+/// file itself; before it does, every chunk the request covers is made
+/// present (fetched through the session if missing). Writes need the chunk
+/// too: the overlay must not later fetch it over what the guest wrote.
+struct DiskBackfill(appliance::overlay::DiskOverlay);
 
 impl virtio_devices::block::Backfill for DiskBackfill {
     fn ensure(&self, offset: u64, len: u64, _for_write: bool) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
         let cs = appliance::CHUNK_SIZE as u64;
-        let end = offset.saturating_add(len).min(self.size);
-        let mut i = offset / cs;
-        while i * cs < end {
-            // Held across the fetch: concurrent requests for the same chunk
-            // wait for it rather than fetch it twice.
-            let mut present = self.present.lock().unwrap_or_else(|e| e.into_inner());
-            if !present[i as usize] {
-                // Whole-chunk writes need no fetch either, but the guest's
-                // writes are rarely aligned that way; fetching keeps it simple.
-                let data = self.session.read_disk(i * cs).map_err(|e| std::io::Error::other(e.to_string()))?;
-                if let Some(d) = data {
-                    if d.iter().any(|&b| b != 0) {
-                        let n = (self.size - i * cs).min(d.len() as u64) as usize;
-                        self.file.write_all_at(&d[..n], i * cs)?;
-                    }
-                }
-                present[i as usize] = true;
-            }
-            i += 1;
+        let end = offset.saturating_add(len).min(self.0.size());
+        let mut at = offset;
+        let mut byte = [0u8; 1];
+        while at < end {
+            // Reading one byte of a chunk waits until the chunk is present.
+            self.0.read_at(&mut byte, at).map_err(|e| std::io::Error::other(e.to_string()))?;
+            at = (at / cs + 1) * cs;
         }
         Ok(())
     }
