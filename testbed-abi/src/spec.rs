@@ -115,6 +115,10 @@ pub struct WorkloadSpec {
     /// start and then leave unused: memory a real OS would hold as free pages
     /// with old content (freed buffers, evicted caches). Not zero, yet free.
     pub stale_pct: u32,
+    /// Memory workloads end after this many run-phase operations (all vCPUs
+    /// together; 0 = no limit). Unlike `duration`, this holds across a
+    /// snapshot that is restored much later (the guest's clock runs on).
+    pub ops_limit: u64,
 }
 
 /// Why a workload specification was rejected.
@@ -209,6 +213,7 @@ impl WorkloadSpec {
             kv: KvParams { share_pct: 50, value_size: 1024, sets: 1, gets: 9, theta_milli: 990 },
             disk: DiskParams { size: 16 << 20, block: 4096 },
             stale_pct: 0,
+            ops_limit: 0,
         }
     }
 
@@ -247,6 +252,9 @@ impl WorkloadSpec {
                     }
                 }
                 (Workload::Mem, "rate") => spec.mem.rate = parse_u64(value).ok_or(bad("pages per second"))?,
+                (Workload::Kv | Workload::Mem, "ops") => {
+                    spec.ops_limit = parse_size(value).ok_or(bad("a number of operations, e.g. 500000 or 2M"))?
+                }
                 (Workload::Kv | Workload::Mem, "stale") => match parse_u64(value.trim_end_matches('%')) {
                     Some(p @ 0..=90) => spec.stale_pct = p as u32,
                     _ => return Err(bad("a percentage of RAM from 0 to 90")),

@@ -513,9 +513,10 @@ fn run_memory_workload(
     let beat = tps / 100; // 10 ms
     let mut next_beat = start + beat;
     let mut next_print = start + tps;
+    let ops_limit = if spec.ops_limit == 0 { u64::MAX } else { spec.ops_limit.div_ceil(n as u64) };
     loop {
         let now = rdtsc();
-        if now >= end {
+        if now >= end || rec.ops >= ops_limit {
             break;
         }
         if rate != 0 && rec.ops >= ((now - start) as u128 * rate as u128 / tps.max(1) as u128) as u64 {
