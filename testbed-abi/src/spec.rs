@@ -322,6 +322,10 @@ mod tests {
         assert_eq!(s.kv.theta_milli, 990);
         let s = WorkloadSpec::parse("kv,share=30,value=4K,ratio=1:1,theta=0.5,seed=7").unwrap();
         assert_eq!(s.kv.share_pct, 30);
+        let o = WorkloadSpec::parse("kv,ops=2M,stale=40").unwrap();
+        assert_eq!((o.ops_limit, o.stale_pct), (2 << 20, 40));
+        assert!(WorkloadSpec::parse("kv,stale=95").is_err());
+        assert!(WorkloadSpec::parse("disk,ops=5").is_err());
         assert_eq!(s.kv.value_size, 4096);
         assert_eq!((s.kv.sets, s.kv.gets), (1, 1));
         assert_eq!(s.kv.theta_milli, 500);
