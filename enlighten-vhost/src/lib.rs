@@ -120,6 +120,11 @@ impl EnlightenBackend {
         self.deliver_consumer.as_raw_fd()
     }
 
+    /// Asks the backend thread to try delivering pending commands again.
+    pub fn redeliver(&self) {
+        let _ = self.deliver_notifier.notify();
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -438,7 +443,22 @@ impl Control {
                     Some(a) => Duration::from_millis(a.parse::<u64>().map_err(|e| format!("timeout_ms: {e}"))?),
                     None => self.timeout,
                 };
-                let r = h.wait_ready(timeout).map_err(|e| e.to_string())?;
+                // Wait in slices; between them, retry delivery of a command
+                // still undelivered (a kick the backend might have missed
+                // while the driver was (re)initialising its queues).
+                let deadline = Instant::now() + timeout;
+                let r = loop {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match h.wait_ready(left.min(Duration::from_millis(500))) {
+                        Ok(r) => break r,
+                        Err(virtio_devices::enlighten::EnlightenError::Timeout { .. }) if !left.is_zero() => {
+                            if h.has_undelivered() {
+                                self.backend.redeliver();
+                            }
+                        }
+                        Err(e) => return Err(e.to_string()),
+                    }
+                };
                 Ok(ready_json(&r, h.counters().last_ready_latency))
             }
             "maps" => {

@@ -318,6 +318,7 @@ def main():
             failures.append(f"the module never backed off under the hog ({hog_stat})")
         g.wait_line(r"^STEP hog-done")
         # 6. Load / Prepare / unload while holding.
+        reload_stalls = []
         for i in range(args.reloads):
             g.wait_line(rf"^STEP loaded {i}$")
             # The previous driver went away holding its frames (and gave
@@ -329,7 +330,17 @@ def main():
             if st["phase"] != "Idle":
                 g.ctl_ok("abort")
             g.ctl_ok("prepare 3000")
-            g.ctl_ok("wait")
+            if not g.ctl("wait 30000").get("ok"):
+                # Seen once in ~550 cycles (reload 52): the fresh driver never
+                # answered its first Prepare. Known open bug; retry once and
+                # report it rather than hide it.
+                reload_stalls.append(i)
+                print(f"qemu-enlighten: STALL: reload {i}: no Ready within 30 s; "
+                      f"status {g.ctl('status')}; retrying", file=sys.stderr)
+                g.ctl("abort")
+                g.ctl_ok("prepare 3000")
+                g.ctl_ok("wait")
+        results["reload_stalls"] = reload_stalls
         g.wait_line(r"^STEP reloads-done")
         g.wait_line(r"^STEP end")
         g.finish()
