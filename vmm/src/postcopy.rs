@@ -935,14 +935,10 @@ pub fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-/// Samples the testbed guest's completed operations every 100 ms into
-/// `out` until `stop` is set.
-pub fn sample_progress(mem: Arc<GuestMem>, stop: Arc<AtomicBool>, out: Arc<Mutex<Vec<(u64, u64)>>>) {
+/// Calls `tick` every 100 ms (on a steady schedule) until it returns false.
+pub fn every_100ms(mut tick: impl FnMut() -> bool) {
     let mut next = Instant::now();
-    while !stop.load(Ordering::Acquire) {
-        if let Some(s) = crate::testbed::read_stats(&mem) {
-            out.lock().unwrap_or_else(|e| e.into_inner()).push((unix_ms(), s.ops));
-        }
+    while tick() {
         next += Duration::from_millis(100);
         let now = Instant::now();
         if next > now {
@@ -951,6 +947,17 @@ pub fn sample_progress(mem: Arc<GuestMem>, stop: Arc<AtomicBool>, out: Arc<Mutex
             next = now;
         }
     }
+}
+
+/// Samples the testbed guest's completed operations every 100 ms into
+/// `out` until `stop` is set.
+pub fn sample_progress(mem: Arc<GuestMem>, stop: Arc<AtomicBool>, out: Arc<Mutex<Vec<(u64, u64)>>>) {
+    every_100ms(|| {
+        if let Some(s) = crate::testbed::read_stats(&mem) {
+            out.lock().unwrap_or_else(|e| e.into_inner()).push((unix_ms(), s.ops));
+        }
+        !stop.load(Ordering::Acquire)
+    });
 }
 
 #[cfg(test)]

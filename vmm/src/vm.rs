@@ -794,8 +794,7 @@ impl Shared {
 
     /// Samples the testbed guest's progress every 100 ms until the VM ends.
     fn sample_progress(&self) {
-        let mut next = Instant::now();
-        while self.control.exit_reason().is_none() {
+        crate::postcopy::every_100ms(|| {
             // While paused (a migration's switch-over) the ring keeps the
             // history before it.
             let st = if self.control.is_paused() { None } else { testbed::read_stats(&self.mem) };
@@ -806,14 +805,8 @@ impl Shared {
                 }
                 p.push_back((crate::postcopy::unix_ms(), st.ops));
             }
-            next += Duration::from_millis(100);
-            let now = Instant::now();
-            if next > now {
-                std::thread::sleep(next - now);
-            } else {
-                next = now;
-            }
-        }
+            self.control.exit_reason().is_none()
+        });
     }
 
     /// The progress samples as JSON `[[unix_ms, ops], ...]`.

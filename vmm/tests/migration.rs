@@ -4,32 +4,16 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command};
+
 use std::time::Duration;
 
-use common::{api, path_str, spawn_piped, vmm_bin, wait_for_run_phase, wait_output, TempDir};
+use common::{api, migrate_mode, path_str, spawn_in, wait_for_run_phase, wait_output, TempDir};
 use netsim::{NetnsPair, Side, DST_IP};
 
 const T: Duration = Duration::from_secs(180);
 
-fn spawn_in(pair: &NetnsPair, side: Side, args: &[&str]) -> Child {
-    let mut c = pair.command(side, vmm_bin());
-    c.args(args);
-    spawn_piped(c)
-}
-
 fn migrate(sock: &Path, to: &str, key: &Path) -> (bool, serde_json::Value, String) {
     migrate_mode(sock, to, key, "stop-and-copy")
-}
-
-fn migrate_mode(sock: &Path, to: &str, key: &Path, mode: &str) -> (bool, serde_json::Value, String) {
-    let out = Command::new(vmm_bin())
-        .args(["migrate", "--api-sock", path_str(sock), "--to", to, "--mode", mode])
-        .args(["--key-file", path_str(key)])
-        .output()
-        .unwrap();
-    let v = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-    (out.status.success(), v, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[test]

@@ -3,30 +3,13 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use common::{api, path_str, spawn_piped, vmm_bin, wait_for_run_phase, wait_output, TempDir};
+use common::{api, migrate_mode, path_str, spawn_in, spawn_piped, vmm_bin, wait_for_run_phase, wait_output, TempDir};
 use netsim::{NetnsPair, Side, DST_IP};
 
 const T: Duration = Duration::from_secs(300);
-
-fn spawn_in(pair: &NetnsPair, side: Side, args: &[&str]) -> Child {
-    let mut c = pair.command(side, vmm_bin());
-    c.args(args);
-    spawn_piped(c)
-}
-
-fn migrate_mode(sock: &Path, to: &str, key: &Path, mode: &str) -> (bool, serde_json::Value, String) {
-    let out = Command::new(vmm_bin())
-        .args(["migrate", "--api-sock", path_str(sock), "--to", to, "--mode", mode])
-        .args(["--key-file", path_str(key)])
-        .output()
-        .unwrap();
-    let v = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-    (out.status.success(), v, String::from_utf8_lossy(&out.stderr).into_owned())
-}
 
 /// Migrates a running guest with `mode`; checks the report, the integrity
 /// digests, and that the guest verifies its data and runs on at the
@@ -146,68 +129,87 @@ fn enlightened_small() {
 /// (TCP keeps both connections through the outage).
 #[test]
 fn link_break_after_switchover_completes_when_the_link_returns() {
-    let pair = NetnsPair::create(Some(1_000_000_000)).unwrap();
-    let d = TempDir::new("mig-break");
-    let key = d.path("key");
-    std::fs::write(&key, b"0123456789abcdef-test-migration-key").unwrap();
-    let sock = d.path("src.sock");
-    let dst_sock = d.path("dst.sock");
-    let to = format!("{DST_IP}:7121");
-    let dst = spawn_in(
-        &pair,
-        Side::Dst,
-        &["receive", "--listen", &to, "--key-file", path_str(&key), "--api-sock", path_str(&dst_sock)],
-    );
-    let src = spawn_in(
-        &pair,
-        Side::Src,
-        &[
-            "run",
-            "--testbed",
-            "kv,share=20,value=1024,stale=40",
-            "--mem",
-            "1G",
-            "--vcpus",
-            "2",
-            "--api-sock",
-            path_str(&sock),
-        ],
-    );
-    wait_for_run_phase(&sock);
-    let report_path = d.path("report.json");
-    let mut mig = Command::new(vmm_bin())
-        .args(["migrate", "--api-sock", path_str(&sock), "--to", &to, "--mode", "enlightened"])
-        .args(["--key-file", path_str(&key), "--report", path_str(&report_path)])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    // The destination serves its API once the VM runs there.
-    let start = std::time::Instant::now();
-    while !dst_sock.exists() {
-        assert!(start.elapsed() < Duration::from_secs(60), "the switch-over never happened");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut m = Switched::start("enlightened", 7121, "mig-break");
     std::thread::sleep(Duration::from_millis(200));
-    pair.set_link(false).unwrap();
+    m.pair.set_link(false).unwrap();
     std::thread::sleep(Duration::from_secs(2));
     // Still migrating: the source has not finished.
-    assert!(mig.try_wait().unwrap().is_none(), "the migration ended while the link was down");
-    pair.set_link(true).unwrap();
-    let status = mig.wait().unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
-    assert!(status.success(), "{report}");
-    assert_eq!(report["integrity"]["match"], true, "{report}");
+    assert!(m.mig.try_wait().unwrap().is_none(), "the migration ended while the link was down");
+    m.pair.set_link(true).unwrap();
+    let report = m.finish();
     assert!(report["total_duration_ms"].as_f64().unwrap() > 2000.0, "{report}");
-    let so = wait_output(src, T);
-    assert_eq!(so.json()["exit"], "migrated", "{so}");
-    std::thread::sleep(Duration::from_millis(500));
-    let st = api(&dst_sock, "status");
-    assert_eq!(st["workload"]["errors"], 0, "{st}");
-    assert_eq!(api(&dst_sock, "shutdown")["ok"], true);
-    let d_out = wait_output(dst, T);
-    assert_eq!(d_out.code, Some(0), "{d_out}");
-    assert_eq!(d_out.json()["errors"], 0, "{d_out}");
     eprintln!("link break: total {} ms, faults {}", report["total_duration_ms"], report["fault_latency_ms"]);
+}
+
+/// A post-copy of a loaded 1 GiB `kv` guest running in the background
+/// (`migrate` as a child process), from the moment the VM runs at the
+/// destination.
+struct Switched {
+    pair: NetnsPair,
+    _dir: TempDir,
+    src: Child,
+    dst: Child,
+    mig: Child,
+    report_path: std::path::PathBuf,
+    dst_sock: std::path::PathBuf,
+}
+
+impl Switched {
+    fn start(mode: &str, port: u16, tag: &str) -> Self {
+        let pair = NetnsPair::create(Some(1_000_000_000)).unwrap();
+        let d = TempDir::new(tag);
+        let key = d.path("key");
+        std::fs::write(&key, b"0123456789abcdef-test-migration-key").unwrap();
+        let sock = d.path("src.sock");
+        let dst_sock = d.path("dst.sock");
+        let to = format!("{DST_IP}:{port}");
+        let dst = spawn_in(
+            &pair,
+            Side::Dst,
+            &["receive", "--listen", &to, "--key-file", path_str(&key), "--api-sock", path_str(&dst_sock)],
+        );
+        let spec = "kv,share=20,value=1024,stale=40";
+        let src = spawn_in(
+            &pair,
+            Side::Src,
+            &["run", "--testbed", spec, "--mem", "1G", "--vcpus", "2", "--api-sock", path_str(&sock)],
+        );
+        wait_for_run_phase(&sock);
+        let report_path = d.path("report.json");
+        let mig = Command::new(vmm_bin())
+            .args(["migrate", "--api-sock", path_str(&sock), "--to", &to, "--mode", mode])
+            .args(["--key-file", path_str(&key), "--report", path_str(&report_path)])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // The destination serves its API once the VM runs there.
+        let start = std::time::Instant::now();
+        while !dst_sock.exists() {
+            assert!(start.elapsed() < Duration::from_secs(60), "the switch-over never happened");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Self { pair, _dir: d, src, dst, mig, report_path, dst_sock }
+    }
+
+    /// Waits for the migration; checks its success and integrity, the
+    /// source's end and the guest's own verification at the destination.
+    fn finish(mut self) -> serde_json::Value {
+        let status = self.mig.wait().unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&self.report_path).unwrap()).unwrap();
+        assert!(status.success(), "{report}");
+        assert_eq!(report["integrity"]["match"], true, "{report}");
+        let so = wait_output(self.src, T);
+        assert_eq!(so.json()["exit"], "migrated", "{so}");
+        std::thread::sleep(Duration::from_millis(500));
+        let st = api(&self.dst_sock, "status");
+        assert_eq!(st["workload"]["errors"], 0, "{st}");
+        assert_eq!(api(&self.dst_sock, "shutdown")["ok"], true);
+        let d_out = wait_output(self.dst, T);
+        assert_eq!(d_out.code, Some(0), "{d_out}");
+        assert_eq!(d_out.json()["errors"], 0, "{d_out}");
+        report
+    }
 }
 
 /// A destination that dies after the source suspended the VM and sent its
@@ -283,66 +285,14 @@ fn destination_dying_before_the_commit_leaves_the_source_running() {
 /// still lacks, and the migration completes with no page lost.
 #[test]
 fn connections_reset_after_switchover_are_reestablished() {
-    let pair = NetnsPair::create(Some(1_000_000_000)).unwrap();
-    let d = TempDir::new("mig-reset");
-    let key = d.path("key");
-    std::fs::write(&key, b"0123456789abcdef-test-migration-key").unwrap();
-    let sock = d.path("src.sock");
-    let dst_sock = d.path("dst.sock");
-    let to = format!("{DST_IP}:7122");
-    let dst = spawn_in(
-        &pair,
-        Side::Dst,
-        &["receive", "--listen", &to, "--key-file", path_str(&key), "--api-sock", path_str(&dst_sock)],
-    );
-    let src = spawn_in(
-        &pair,
-        Side::Src,
-        &[
-            "run",
-            "--testbed",
-            "kv,share=20,value=1024,stale=40",
-            "--mem",
-            "1G",
-            "--vcpus",
-            "2",
-            "--api-sock",
-            path_str(&sock),
-        ],
-    );
-    wait_for_run_phase(&sock);
-    let report_path = d.path("report.json");
-    let mut mig = Command::new(vmm_bin())
-        .args(["migrate", "--api-sock", path_str(&sock), "--to", &to, "--mode", "postcopy"])
-        .args(["--key-file", path_str(&key), "--report", path_str(&report_path)])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = std::time::Instant::now();
-    while !dst_sock.exists() {
-        assert!(start.elapsed() < Duration::from_secs(60), "the switch-over never happened");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let m = Switched::start("postcopy", 7122, "mig-reset");
     // Twice: destroy every connection between the two hosts.
     for _ in 0..2 {
         std::thread::sleep(Duration::from_millis(700));
-        let st = pair.command(Side::Src, "ss").args(["-K", "dst", &DST_IP.to_string()]).status().unwrap();
+        let st = m.pair.command(Side::Src, "ss").args(["-K", "dst", &DST_IP.to_string()]).status().unwrap();
         assert!(st.success());
     }
-    let status = mig.wait().unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
-    assert!(status.success(), "{report}");
+    let report = m.finish();
     assert!(report["reconnections"].as_u64().unwrap() >= 1, "{report}");
-    assert_eq!(report["integrity"]["match"], true, "{report}");
-    let so = wait_output(src, T);
-    assert_eq!(so.json()["exit"], "migrated", "{so}");
-    std::thread::sleep(Duration::from_millis(500));
-    let st = api(&dst_sock, "status");
-    assert_eq!(st["workload"]["errors"], 0, "{st}");
-    assert_eq!(api(&dst_sock, "shutdown")["ok"], true);
-    let d_out = wait_output(dst, T);
-    assert_eq!(d_out.code, Some(0), "{d_out}");
-    assert_eq!(d_out.json()["errors"], 0, "{d_out}");
     eprintln!("reset: {} reconnections, total {} ms", report["reconnections"], report["total_duration_ms"]);
 }

@@ -133,3 +133,21 @@ pub fn wait_for_run_phase(sock: &Path) -> u64 {
 pub fn spawn_piped(mut cmd: Command) -> Child {
     cmd.env("RUST_LOG", "info").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
 }
+
+/// Starts `vmm ARGS` in one namespace of a pair, output piped.
+pub fn spawn_in(pair: &netsim::NetnsPair, side: netsim::Side, args: &[&str]) -> Child {
+    let mut c = pair.command(side, vmm_bin());
+    c.args(args);
+    spawn_piped(c)
+}
+
+/// `vmm migrate` in `mode`: (success, JSON report, stderr).
+pub fn migrate_mode(sock: &Path, to: &str, key: &Path, mode: &str) -> (bool, serde_json::Value, String) {
+    let out = Command::new(vmm_bin())
+        .args(["migrate", "--api-sock", path_str(sock), "--to", to, "--mode", mode])
+        .args(["--key-file", path_str(key)])
+        .output()
+        .unwrap();
+    let v = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.success(), v, String::from_utf8_lossy(&out.stderr).into_owned())
+}
