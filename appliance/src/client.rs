@@ -101,6 +101,16 @@ impl Cache {
     }
 }
 
+/// Where [`Client::chunk_from`] found a chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Cache,
+    /// A batch under way brought it (the read waited for the batch).
+    InFlight,
+    /// A demand fetch of its own.
+    Fetched,
+}
+
 /// Which connection a request uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Priority {
@@ -118,6 +128,8 @@ pub struct ClientStats {
     pub demand_chunks: u64,
     pub prefetch_chunks: u64,
     pub cache_hits: u64,
+    /// Reads that waited for their chunk's batch already under way.
+    pub in_flight_waits: u64,
     /// Smallest round trip seen, seconds.
     pub min_rtt: Option<f64>,
     /// Bandwidth estimate, bytes per second.
@@ -136,6 +148,12 @@ pub struct Client {
     demand: Mutex<Option<Conn>>,
     prefetch: Mutex<Option<Conn>>,
     demand_waiting: AtomicUsize,
+    /// Chunks of batches under way: a read of one waits for its batch
+    /// instead of fetching it a second time.
+    in_flight: Mutex<HashSet<ChunkHash>>,
+    landed: std::sync::Condvar,
+    /// Prefetches stop at their next batch ([`Client::stop_prefetching`]).
+    prefetch_stopped: std::sync::atomic::AtomicBool,
     stats: Mutex<ClientStats>,
     timeout: Duration,
     retry: Option<Duration>,
@@ -176,6 +194,9 @@ impl Client {
             demand: Mutex::new(None),
             prefetch: Mutex::new(None),
             demand_waiting: AtomicUsize::new(0),
+            in_flight: Mutex::new(HashSet::new()),
+            landed: std::sync::Condvar::new(),
+            prefetch_stopped: std::sync::atomic::AtomicBool::new(false),
             stats: Mutex::new(ClientStats::default()),
             timeout: Duration::from_secs(60),
             retry: None,
@@ -347,10 +368,35 @@ impl Client {
 
     /// One chunk's content: from the cache, or a demand fetch.
     pub fn chunk(&self, h: &ChunkHash) -> Result<Vec<u8>> {
-        if let Some(c) = self.cache.get(h)? {
-            self.stats.lock().unwrap_or_else(|e| e.into_inner()).cache_hits += 1;
-            return Ok(c);
+        self.chunk_from(h).map(|(c, _)| c)
+    }
+
+    /// One chunk's content and where it came from: the cache, a batch that
+    /// was already under way (waited for), or a demand fetch of its own.
+    pub fn chunk_from(&self, h: &ChunkHash) -> Result<(Vec<u8>, Source)> {
+        let mut waited = false;
+        loop {
+            if let Some(c) = self.cache.get(h)? {
+                let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+                if waited {
+                    s.in_flight_waits += 1;
+                } else {
+                    s.cache_hits += 1;
+                }
+                return Ok((c, if waited { Source::InFlight } else { Source::Cache }));
+            }
+            let f = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            if !f.contains(h) {
+                break;
+            }
+            // Its batch lands (or fails) soon; the timeout is a safety net.
+            let _ = self.landed.wait_timeout(f, Duration::from_millis(200)).unwrap_or_else(|e| e.into_inner());
+            waited = true;
         }
+        self.chunk_fetch(h).map(|c| (c, Source::Fetched))
+    }
+
+    fn chunk_fetch(&self, h: &ChunkHash) -> Result<Vec<u8>> {
         self.demand_waiting.fetch_add(1, Ordering::SeqCst);
         let res = self.request(Priority::Demand, "GET", &format!("/v1/chunks/{h}"), &[], chunk::CHUNK_SIZE + 1);
         self.demand_waiting.fetch_sub(1, Ordering::SeqCst);
@@ -383,6 +429,9 @@ impl Client {
                 let n = match prio {
                     Priority::Demand => MAX_BATCH,
                     Priority::Prefetch => {
+                        if self.prefetch_stopped.load(Ordering::Acquire) {
+                            return Ok(());
+                        }
                         while self.demand_waiting.load(Ordering::SeqCst) > 0 {
                             std::thread::sleep(Duration::from_micros(500));
                         }
@@ -401,6 +450,11 @@ impl Client {
         res.map(|_| fetched)
     }
 
+    /// Ends every prefetch at its next batch (the session is over).
+    pub fn stop_prefetching(&self) {
+        self.prefetch_stopped.store(true, Ordering::Release);
+    }
+
     /// Prefetch batch size: about 100 ms of transfer at the measured bandwidth.
     fn prefetch_batch_len(&self) -> usize {
         match self.bandwidth() {
@@ -410,6 +464,18 @@ impl Client {
     }
 
     fn fetch_batch(&self, part: &[ChunkHash], prio: Priority) -> Result<u64> {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).extend(part.iter().copied());
+        let r = self.fetch_batch_now(part, prio);
+        let mut f = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        for h in part {
+            f.remove(h);
+        }
+        drop(f);
+        self.landed.notify_all();
+        r
+    }
+
+    fn fetch_batch_now(&self, part: &[ChunkHash], prio: Priority) -> Result<u64> {
         let mut body = Vec::with_capacity(part.len() * 32);
         for h in part {
             body.extend_from_slice(&h.0);

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use crate::analysis::Knowledge;
 use crate::chunk::{ChunkHash, ChunkKey, CHUNK_SIZE};
-use crate::client::{Client, Priority};
+use crate::client::{Client, Priority, Source};
 use crate::manifest::{ChunkRef, Manifest};
 use crate::planner::{self, Current, PlannerConfig};
 use crate::trace::{Trace, TraceHeader, TraceRecorder};
@@ -57,6 +57,9 @@ pub struct SessionConfig {
     pub use_knowledge: bool,
     /// Free-form description stored with the trace.
     pub params: serde_json::Value,
+    /// Sequential read-ahead for demand misses outside the knowledge
+    /// (vTube mode only; the baselines run as published).
+    pub readahead: bool,
 }
 
 impl Default for SessionConfig {
@@ -67,6 +70,7 @@ impl Default for SessionConfig {
             initial_bandwidth: 900_000.0,
             use_knowledge: true,
             params: serde_json::Value::Null,
+            readahead: true,
         }
     }
 }
@@ -81,6 +85,11 @@ pub struct SessionStats {
     pub cache_reads: u64,
     /// Chunks demand-fetched outside buffering (misses).
     pub misses: u64,
+    /// Reads that waited for their chunk's prefetch or read-ahead batch,
+    /// already under way (not misses: no request of their own).
+    pub late_reads: u64,
+    /// Chunks requested by sequential read-ahead.
+    pub readahead_chunks: u64,
     pub buffering_events: u64,
     pub buffering_s: f64,
     pub hints: u64,
@@ -94,6 +103,33 @@ struct State {
     /// Clusters whose first access already ran the planner.
     triggered: Vec<bool>,
     stats: SessionStats,
+    ra: ReadAhead,
+}
+
+/// Sequential read-ahead (as the Linux page cache does for files) for the
+/// demand misses vTube's knowledge does not cover: content no training
+/// session touched. Two consecutive misses start it with [`RA_INIT`]
+/// chunks; reaching the middle of a window requests the next one, twice
+/// as large up to [`RA_MAX`], so a sequential reader stops missing. Random
+/// misses never start it.
+#[derive(Default)]
+struct ReadAhead {
+    last_miss: Option<ChunkKey>,
+    /// First chunk after the current window.
+    next: Option<ChunkKey>,
+    /// The chunk whose access requests the next window.
+    trigger: Option<ChunkKey>,
+    window: u64,
+}
+
+const RA_INIT: u64 = 16;
+const RA_MAX: u64 = 64;
+
+fn key_add(k: ChunkKey, n: u64) -> ChunkKey {
+    match k {
+        ChunkKey::Mem(i) => ChunkKey::Mem(i + n),
+        ChunkKey::Disk(i) => ChunkKey::Disk(i + n),
+    }
 }
 
 pub struct Session {
@@ -108,6 +144,8 @@ pub struct Session {
     buffering: (Mutex<bool>, Condvar),
     prefetch_tx: Mutex<Option<Sender<Vec<ChunkHash>>>>,
     prefetcher: Mutex<Option<JoinHandle<()>>>,
+    readahead_tx: Mutex<Option<Sender<Vec<ChunkHash>>>>,
+    readaheader: Mutex<Option<JoinHandle<()>>>,
     start: Instant,
 }
 
@@ -153,6 +191,19 @@ impl Session {
                 }
             })
             .map_err(|e| Error::Io { path: "prefetch thread".into(), source: e })?;
+        // Read-ahead has its own queue: it must not wait behind streamed clusters.
+        let (ra_tx, ra_rx) = channel::<Vec<ChunkHash>>();
+        let c3 = client.clone();
+        let readaheader = std::thread::Builder::new()
+            .name("stream-readahead".into())
+            .spawn(move || {
+                while let Ok(hashes) = ra_rx.recv() {
+                    if let Err(e) = c3.fetch(&hashes, Priority::Prefetch) {
+                        log::warn!("read-ahead of {} chunks: {e}", hashes.len());
+                    }
+                }
+            })
+            .map_err(|e| Error::Io { path: "read-ahead thread".into(), source: e })?;
         let s = Arc::new(Self {
             client,
             name: name.to_string(),
@@ -165,10 +216,13 @@ impl Session {
                 requested: vec![false; n],
                 triggered: vec![false; n],
                 stats: Default::default(),
+                ra: Default::default(),
             }),
             buffering: (Mutex::new(false), Condvar::new()),
             prefetch_tx: Mutex::new(Some(tx)),
             prefetcher: Mutex::new(Some(prefetcher)),
+            readahead_tx: Mutex::new(Some(ra_tx)),
+            readaheader: Mutex::new(Some(readaheader)),
             start,
         });
         // Clusters the cache already holds count as delivered.
@@ -360,6 +414,7 @@ impl Session {
         if let Some(c) = self.client.cache().get(&h)? {
             self.recorder.record(key);
             self.lock().stats.cache_reads += 1;
+            self.read_ahead_hit(key);
             if let Some(cl) = cluster {
                 self.decide(Current::Cluster(cl), true)?;
             }
@@ -378,17 +433,83 @@ impl Session {
                 }
             }
         }
-        // Outside every cluster, or its cluster already decided: fetch it alone.
+        // Outside every cluster, or its cluster already decided: fetch it
+        // alone (or wait for the batch already bringing it).
         let t0 = Instant::now();
         let wait = self.recorder.waiting();
-        let content = self.client.chunk(&h);
+        let content = self.client.chunk_from(&h);
         drop(wait);
-        let content = content?;
+        let (content, source) = content?;
         self.recorder.record(key);
-        let mut st = self.lock();
-        st.stats.net_wait_s += t0.elapsed().as_secs_f64();
-        st.stats.misses += 1;
+        {
+            let mut st = self.lock();
+            st.stats.net_wait_s += t0.elapsed().as_secs_f64();
+            match source {
+                Source::Fetched => st.stats.misses += 1,
+                Source::InFlight => st.stats.late_reads += 1,
+                Source::Cache => st.stats.cache_reads += 1,
+            }
+        }
+        match source {
+            Source::Fetched => self.read_ahead_miss(key),
+            _ => self.read_ahead_hit(key),
+        }
         Ok(Some(content))
+    }
+
+    fn read_ahead_enabled(&self) -> bool {
+        self.cfg.readahead && self.cfg.mode == Mode::VTube
+    }
+
+    /// A demand miss: a second consecutive one (or one just past the
+    /// window) starts or grows the read-ahead.
+    fn read_ahead_miss(&self, key: ChunkKey) {
+        if !self.read_ahead_enabled() {
+            return;
+        }
+        let mut st = self.lock();
+        let ra = &mut st.ra;
+        let sequential = ra.last_miss.map(|k| key_add(k, 1)) == Some(key) || ra.next == Some(key);
+        ra.last_miss = Some(key);
+        if !sequential {
+            return;
+        }
+        ra.window = if ra.next == Some(key) { (ra.window * 2).clamp(RA_INIT, RA_MAX) } else { RA_INIT };
+        self.queue_read_ahead(&mut st, key_add(key, 1));
+    }
+
+    /// A hit on the current window's marker requests the next window.
+    fn read_ahead_hit(&self, key: ChunkKey) {
+        if !self.read_ahead_enabled() {
+            return;
+        }
+        let mut st = self.lock();
+        if st.ra.trigger != Some(key) {
+            return;
+        }
+        let Some(next) = st.ra.next else { return };
+        st.ra.window = (st.ra.window * 2).clamp(RA_INIT, RA_MAX);
+        self.queue_read_ahead(&mut st, next);
+    }
+
+    fn queue_read_ahead(&self, st: &mut State, from: ChunkKey) {
+        let w = st.ra.window;
+        let cache = self.client.cache();
+        let hashes: Vec<ChunkHash> = (0..w)
+            .filter_map(|i| match self.manifest.chunk(key_add(from, i)) {
+                Some(ChunkRef::Data(h)) if !cache.contains(&h) => Some(h),
+                _ => None,
+            })
+            .collect();
+        st.ra.next = Some(key_add(from, w));
+        st.ra.trigger = Some(key_add(from, w / 2));
+        st.stats.readahead_chunks += hashes.len() as u64;
+        if hashes.is_empty() {
+            return;
+        }
+        if let Some(tx) = self.readahead_tx.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            let _ = tx.send(hashes);
+        }
     }
 
     /// Convenience for memory faults: the chunk holding guest physical address `gpa`.
@@ -435,9 +556,14 @@ impl Session {
 
     /// Ends the session: stops prefetching and returns the trace; uploads it if `upload`.
     pub fn finish(&self, upload: bool) -> Result<Trace> {
+        self.client.stop_prefetching();
         self.prefetch_tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.readahead_tx.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(t) = self.prefetcher.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            // The prefetcher ends after its current batch list.
+            // The prefetcher ends after its current batch.
+            let _ = t.join();
+        }
+        if let Some(t) = self.readaheader.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = t.join();
         }
         let trace = self.recorder.finish(TraceHeader {

@@ -113,12 +113,12 @@ fn sessions_traces_knowledge_and_warm_cache() {
     let url = format!("http://{}", relay.addr());
     let params = AnalysisParams { clustering_interval_us: 50_000, ..Default::default() };
 
-    // Three sessions without knowledge, each from a fresh client: every
-    // content chunk is a demand fetch; their traces go to the server.
+    // Three sessions without knowledge (nor read-ahead), each from a fresh
+    // client: every content chunk is a demand fetch; their traces go to the server.
     let mut cold_misses = 0;
     for v in 0..3 {
         let c = Arc::new(Client::new(&url, d.join(format!("cache{v}"))).unwrap());
-        let s = Session::start(c.clone(), "app", SessionConfig::default()).unwrap();
+        let s = Session::start(c.clone(), "app", SessionConfig { readahead: false, ..Default::default() }).unwrap();
         assert_eq!(s.knowledge_version(), None);
         assert_eq!(s.manifest().device_state, b"devices");
         run_workload(&s, v, &mem);
@@ -176,7 +176,12 @@ fn sessions_traces_knowledge_and_warm_cache() {
 
     // The VMM's own reads (a whole disk before start) are batched and untraced.
     let c3 = Arc::new(Client::new(&url, d.join("cache-disk")).unwrap());
-    let s3 = Session::start(c3.clone(), "app", SessionConfig { use_knowledge: false, ..Default::default() }).unwrap();
+    let s3 = Session::start(
+        c3.clone(),
+        "app",
+        SessionConfig { use_knowledge: false, readahead: false, ..Default::default() },
+    )
+    .unwrap();
     let n = s3.fetch_keys(&s3.disk_keys(), appliance::client::Priority::Demand).unwrap();
     assert_eq!(n, DISK_PAGES as u64);
     assert!(c3.stats().requests < 10, "{:?}", c3.stats());
@@ -186,7 +191,12 @@ fn sessions_traces_knowledge_and_warm_cache() {
     // The disk as an overlay: reads wait for chunks, a partial write to a
     // missing chunk fetches it first, a whole-chunk write does not.
     let c4 = Arc::new(Client::new(&url, d.join("cache-overlay")).unwrap());
-    let s4 = Session::start(c4.clone(), "app", SessionConfig { use_knowledge: false, ..Default::default() }).unwrap();
+    let s4 = Session::start(
+        c4.clone(),
+        "app",
+        SessionConfig { use_knowledge: false, readahead: false, ..Default::default() },
+    )
+    .unwrap();
     let ov = Arc::new(DiskOverlay::create(s4.clone(), &d.join("overlay.img")).unwrap());
     let mut buf = vec![0u8; 3 * CHUNK_SIZE];
     ov.read_at(&mut buf, 5 * CHUNK_SIZE as u64 + 100).unwrap();

@@ -17,7 +17,9 @@ extern crate std;
 
 pub mod spec;
 
-pub use spec::{parse_size, DiskParams, KvParams, MemParams, SizeOrPercent, SpecError, Workload, WorkloadSpec};
+pub use spec::{
+    parse_size, AppParams, DiskParams, KvParams, MemParams, SizeOrPercent, SpecError, Workload, WorkloadSpec,
+};
 
 /// Guest page size used throughout the testbed.
 pub const PAGE_SIZE: u64 = 4096;
@@ -75,6 +77,11 @@ pub const EXIT_PORT: u16 = 0xf4;
 /// Park port: a vCPU with nothing to do writes here (any value, any size);
 /// the VMM stops running that vCPU until the VM ends (instead of it spinning).
 pub const PARK_PORT: u16 = 0xf8;
+/// Session port: the user's session for an `app` guest (a workload
+/// specification such as `app,seed=4,steps=10`, given to the VMM with
+/// `--session`). Each `IN` byte returns the next byte of it, 0 past its end
+/// or while the VMM has none; an `OUT` of any value starts it over.
+pub const SESSION_PORT: u16 = 0xfc;
 
 /// Codes written to [`EXIT_PORT`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -365,6 +372,8 @@ pub enum Phase {
     Done = 3,
     /// Failed: see the serial output.
     Failed = 4,
+    /// Filled, waiting for a session on [`SESSION_PORT`] (`app`).
+    Idle = 5,
 }
 
 impl Phase {
@@ -375,6 +384,7 @@ impl Phase {
             2 => Self::Run,
             3 => Self::Done,
             4 => Self::Failed,
+            5 => Self::Idle,
             _ => return None,
         })
     }
@@ -386,6 +396,7 @@ impl Phase {
             Self::Run => "run",
             Self::Done => "done",
             Self::Failed => "failed",
+            Self::Idle => "idle",
         }
     }
 }

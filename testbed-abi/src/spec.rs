@@ -8,6 +8,7 @@
 //! | `mem`  | `wss=SIZE|PCT%` working set (default 50%), `rate=PAGES` pages dirtied per second (0 = as fast as possible, default) |
 //! | `kv`   | `share=PCT` of RAM filled (default 50), `value=BYTES` value size (default 1024), `ratio=SET:GET` (default 1:9), `theta=F` Zipf skew (default 0.99) |
 //! | `disk` | `size=SIZE` bytes of disk exercised (default 16M, capped at the disk size), `block=SIZE` request size (default 4096) |
+//! | `app`  | `state=SIZE|PCT%` state filled at boot (default 25%), `features=N` regions in it (default 32); per session: `steps=N` features opened (default 8), `think=MS` pause between them (default 200) |
 //! | `virtio-garbage` | no keys; a test workload that writes garbage to virtio registers, descriptors and rings |
 //! | `fault` | no keys; a test workload that executes `ud2` with no IDT, i.e. triple-faults the VM |
 //!
@@ -26,11 +27,13 @@ pub enum Workload {
     VirtioGarbage = 4,
     /// Test workload: triple-faults (ud2 at CPL3 with no IDT).
     Fault = 5,
+    /// An appliance's user session over a large prefilled state (streaming).
+    App = 6,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 5] =
-        [Workload::Mem, Workload::Kv, Workload::Disk, Workload::VirtioGarbage, Workload::Fault];
+    pub const ALL: [Workload; 6] =
+        [Workload::Mem, Workload::Kv, Workload::Disk, Workload::VirtioGarbage, Workload::Fault, Workload::App];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -39,6 +42,7 @@ impl Workload {
             Self::Disk => "disk",
             Self::VirtioGarbage => "virtio-garbage",
             Self::Fault => "fault",
+            Self::App => "app",
         }
     }
 
@@ -101,6 +105,18 @@ pub struct DiskParams {
     pub block: u32,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppParams {
+    /// State filled at boot.
+    pub state: SizeOrPercent,
+    /// Feature regions in the state.
+    pub features: u32,
+    /// Features a session opens after the core.
+    pub steps: u32,
+    /// Pause between features, ms.
+    pub think_ms: u32,
+}
+
 /// A parsed workload specification.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WorkloadSpec {
@@ -111,6 +127,7 @@ pub struct WorkloadSpec {
     pub mem: MemParams,
     pub kv: KvParams,
     pub disk: DiskParams,
+    pub app: AppParams,
     /// Percent of RAM that memory workloads fill with stale data before they
     /// start and then leave unused: memory a real OS would hold as free pages
     /// with old content (freed buffers, evicted caches). Not zero, yet free.
@@ -134,9 +151,12 @@ pub enum SpecError<'a> {
 impl fmt::Display for SpecError<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Empty => write!(f, "empty workload specification; expected one of mem, kv, disk"),
+            Self::Empty => write!(f, "empty workload specification; expected one of mem, kv, disk, app"),
             Self::UnknownWorkload(w) => {
-                write!(f, "unknown workload `{w}`; expected one of mem, kv, disk (test-only: virtio-garbage, fault)")
+                write!(
+                    f,
+                    "unknown workload `{w}`; expected one of mem, kv, disk, app (test-only: virtio-garbage, fault)"
+                )
             }
             Self::UnknownKey { workload, key } => {
                 write!(f, "unknown key `{key}` for workload `{workload}`; valid keys: {}", valid_keys(workload))
@@ -154,6 +174,7 @@ fn valid_keys(workload: &str) -> &'static str {
         "mem" => "duration, seed, wss, rate",
         "kv" => "duration, seed, share, value, ratio, theta",
         "disk" => "duration, seed, size, block",
+        "app" => "duration, seed, state, features, steps, think",
         _ => "duration, seed",
     }
 }
@@ -212,6 +233,7 @@ impl WorkloadSpec {
             mem: MemParams { wss: SizeOrPercent::Percent(50), rate: 0 },
             kv: KvParams { share_pct: 50, value_size: 1024, sets: 1, gets: 9, theta_milli: 990 },
             disk: DiskParams { size: 16 << 20, block: 4096 },
+            app: AppParams { state: SizeOrPercent::Percent(25), features: 32, steps: 8, think_ms: 200 },
             stale_pct: 0,
             ops_limit: 0,
         }
@@ -281,6 +303,31 @@ impl WorkloadSpec {
                     Some(t) if t < 1000 => spec.kv.theta_milli = t,
                     _ => return Err(bad("a Zipf skew in [0, 1), e.g. 0.99")),
                 },
+                (Workload::App, "state") => {
+                    spec.app.state = if let Some(p) = value.strip_suffix('%') {
+                        match parse_u64(p) {
+                            Some(p @ 1..=90) => SizeOrPercent::Percent(p as u32),
+                            _ => return Err(bad("a size like 320M or a percentage 1%..90%")),
+                        }
+                    } else {
+                        match parse_size(value) {
+                            Some(b) if b >= 1 << 20 => SizeOrPercent::Bytes(b),
+                            _ => return Err(bad("a size of at least 1M or a percentage 1%..90%")),
+                        }
+                    }
+                }
+                (Workload::App, "features") => match parse_u64(value) {
+                    Some(n @ 1..=4096) => spec.app.features = n as u32,
+                    _ => return Err(bad("a number of features from 1 to 4096")),
+                },
+                (Workload::App, "steps") => match parse_u64(value) {
+                    Some(n @ 0..=100_000) => spec.app.steps = n as u32,
+                    _ => return Err(bad("a number of steps up to 100000")),
+                },
+                (Workload::App, "think") => match parse_u64(value) {
+                    Some(n @ 0..=600_000) => spec.app.think_ms = n as u32,
+                    _ => return Err(bad("milliseconds up to 600000")),
+                },
                 (Workload::Disk, "size") => match parse_size(value) {
                     Some(b) if b >= 4096 && b % 512 == 0 => spec.disk.size = b,
                     _ => return Err(bad("a size of at least 4K, a multiple of 512")),
@@ -337,6 +384,13 @@ mod tests {
         let s = WorkloadSpec::parse("disk,size=8M,block=64K").unwrap();
         assert_eq!(s.disk.size, 8 << 20);
         assert_eq!(s.disk.block, 65536);
+        let s = WorkloadSpec::parse("app,state=320M,features=48,steps=12,think=0,seed=3").unwrap();
+        assert_eq!(s.workload, Workload::App);
+        assert_eq!(s.app, AppParams { state: SizeOrPercent::Bytes(320 << 20), features: 48, steps: 12, think_ms: 0 });
+        assert_eq!(WorkloadSpec::parse("app").unwrap().app.state, SizeOrPercent::Percent(25));
+        assert!(WorkloadSpec::parse("app,features=0").is_err());
+        assert!(WorkloadSpec::parse("app,state=4K").is_err());
+        assert!(WorkloadSpec::parse("app,share=5").is_err());
     }
 
     #[test]

@@ -12,6 +12,7 @@
 #![no_std]
 #![no_main]
 
+mod app;
 mod boot32;
 mod disk;
 mod enlighten;
@@ -72,7 +73,7 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
     hw::exit(ExitCode::Failed)
 }
 
-fn fail(msg: core::fmt::Arguments) -> ! {
+pub(crate) fn fail(msg: core::fmt::Arguments) -> ! {
     println!("testbed: error: {msg}");
     stat32(so::PHASE, Phase::Failed as u32);
     hw::exit(ExitCode::Failed)
@@ -140,7 +141,7 @@ fn calibrate_tsc_khz() -> u64 {
 
 /// This vCPU's share of the heap: the largest contiguous piece of the
 /// `index`-th of `n` equal slices of all RAM above `heap_start`.
-fn share(bi: &BootInfo, index: u32, n: u32) -> (u64, u64) {
+pub(crate) fn share(bi: &BootInfo, index: u32, n: u32) -> (u64, u64) {
     let heap = heap_start(bi);
     let pieces = bi.mem_regions().iter().filter_map(move |r| {
         let start = r.start.max(heap);
@@ -166,8 +167,8 @@ fn share(bi: &BootInfo, index: u32, n: u32) -> (u64, u64) {
 }
 
 /// Seconds and TSC helpers for the run loop.
-struct Clock {
-    ticks_per_sec: u64,
+pub(crate) struct Clock {
+    pub(crate) ticks_per_sec: u64,
 }
 
 impl Clock {
@@ -273,6 +274,12 @@ fn print_spec(spec: &WorkloadSpec, total_ram: u64) {
             d,
             if d == 0 { " (forever)" } else { "" }
         ),
+        Workload::App => println!(
+            "testbed: spec: app state={} MiB features={} seed={}",
+            spec.app.state.resolve(total_ram) >> 20,
+            spec.app.features,
+            spec.seed
+        ),
         w => println!("testbed: spec: {} seed={}", w.name(), spec.seed),
     }
 }
@@ -348,6 +355,12 @@ pub extern "C" fn testbed_main(vcpu: u64, _boot_info: u64) -> ! {
             finish_single(r, &clock)
         }
         Workload::Kv | Workload::Mem => run_memory_workload(index, n, &bi, &spec, &clock, enl),
+        Workload::App => {
+            if index != 0 {
+                hw::park();
+            }
+            app::run(&bi, &spec, &clock, enl)
+        }
     }
 }
 
@@ -357,7 +370,7 @@ fn clock_fn(clock: &Clock) -> disk::Clock {
 }
 
 /// Ends a single-vCPU workload (disk, garbage) that ran on vCPU 0.
-fn finish_single(r: Batch, clock: &Clock) -> ! {
+pub(crate) fn finish_single(r: Batch, clock: &Clock) -> ! {
     let mut rec = Record::new(0);
     rec.add(r);
     stat64(so::RUN_END_TSC, rdtsc());

@@ -7,12 +7,15 @@
 //!   Zipfian keys and a checksum on every value, verified on every read;
 //! - [`mem::Mem`]: dirties a working set page by page, verifying each page's
 //!   previous stamp;
+//! - [`app`]: an appliance's user session over a large prefilled state
+//!   (streaming's workload);
 //! - [`disk`]: the sector patterns the `disk` workload and host tests share.
 #![no_std]
 
 #[cfg(test)]
 extern crate std;
 
+pub mod app;
 pub mod disk;
 pub mod kv;
 pub mod math;

@@ -29,6 +29,10 @@ pub trait ApiTarget: Send + Sync {
     fn enlighten(&self) -> Result<Value, String> {
         Err("this VM has no enlightenment device".into())
     }
+    /// Gives an `app` testbed guest its user session.
+    fn session(&self, _spec: &str) -> Result<(), String> {
+        Err("this VM takes no session".into())
+    }
     /// Cancels the migration in progress (only before its switch-over).
     fn cancel_migration(&self) -> Result<(), String> {
         Err("no migration is in progress".into())
@@ -124,11 +128,15 @@ pub fn handle(target: &dyn ApiTarget, line: &str) -> Value {
             Err(e) => json!({"ok": false, "error": e}),
         },
         "migrate-cancel" => done(target.cancel_migration()),
+        "session" => match req.path {
+            None => json!({"ok": false, "error": "session needs a specification: `session app,seed=N,...`"}),
+            Some(spec) => done(target.session(&spec)),
+        },
         other => json!({
             "ok": false,
             "error": format!(
                 "unknown command `{other}`; expected status, pause, resume, shutdown, snapshot PATH, migrate, \
-                 migrate-cancel or enlighten"
+                 migrate-cancel, enlighten or session SPEC"
             ),
         }),
     }

@@ -48,6 +48,10 @@ enum Command {
         /// Serve the control API on this Unix socket.
         #[arg(long, value_name = "PATH")]
         api_sock: Option<PathBuf>,
+        /// The user's session for an `app` testbed guest, e.g. app,seed=4,steps=10,think=200
+        /// (the guest waits idle until it has one; also `vmm api session SPEC`).
+        #[arg(long, value_name = "app,KEY=VALUE...")]
+        session: Option<String>,
     },
     /// Run the destination of a migration: wait for an authenticated incoming VM, then run it.
     Receive {
@@ -99,40 +103,14 @@ enum Command {
         /// The VMM's API socket.
         #[arg(long, value_name = "PATH")]
         api_sock: PathBuf,
-        /// status, pause, resume, shutdown or enlighten.
+        /// status, pause, resume, shutdown, enlighten, `snapshot PATH` or `session SPEC`.
         command: String,
     },
     /// Run a VM from a remote appliance before it has arrived: memory is fetched on first
     /// access (userfaultfd), guided by the server's knowledge of earlier runs (vTube), through
     /// a local content-addressed cache; the session's trace is uploaded when the VM ends.
     /// Make appliances with `vmm appliance create`, serve them with `vmm appliance serve`.
-    Stream {
-        /// The appliance server, e.g. http://10.0.0.1:8080
-        url: String,
-        /// The appliance's name.
-        #[arg(long)]
-        name: String,
-        /// Local chunk cache, shared by sessions and appliances.
-        #[arg(long, value_name = "DIR", default_value = "~/.cache/vmm/chunks")]
-        cache: String,
-        /// Where the guest's serial output goes: stdout or a file.
-        #[arg(long, default_value = "stdout")]
-        serial: String,
-        /// Serve the control API on this Unix socket.
-        #[arg(long, value_name = "PATH")]
-        api_sock: Option<PathBuf>,
-        /// How state arrives: vtube (dynamic streaming from the server's knowledge of earlier
-        /// runs), demand (each chunk on first access), full (everything before the VM starts),
-        /// vmtorrent (VMTorrent's profile order).
-        #[arg(long, default_value = "vtube", value_parser = ["vtube", "demand", "full", "vmtorrent"])]
-        mode: String,
-        /// Same as --mode demand.
-        #[arg(long)]
-        demand_only: bool,
-        /// Do not upload this session's trace.
-        #[arg(long)]
-        no_upload: bool,
-    },
+    Stream(StreamArgs),
     /// Write the built-in testbed guest image (an ELF with a multiboot header) to a file,
     /// e.g. to boot it in QEMU: qemu-system-x86_64 -enable-kvm -kernel FILE -append kv,duration=5
     /// -device isa-debug-exit,iobase=0xf4,iosize=4
@@ -149,10 +127,45 @@ enum Command {
 }
 
 #[derive(Args)]
+struct StreamArgs {
+    /// The appliance server, e.g. http://10.0.0.1:8080
+    url: String,
+    /// The appliance's name.
+    #[arg(long)]
+    name: String,
+    /// Local chunk cache, shared by sessions and appliances.
+    #[arg(long, value_name = "DIR", default_value = "~/.cache/vmm/chunks")]
+    cache: String,
+    /// Where the guest's serial output goes: stdout or a file.
+    #[arg(long, default_value = "stdout")]
+    serial: String,
+    /// Serve the control API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// How state arrives: vtube (dynamic streaming from the server's knowledge of earlier
+    /// runs), demand (each chunk on first access), full (everything before the VM starts),
+    /// vmtorrent (VMTorrent's profile order).
+    #[arg(long, default_value = "vtube", value_parser = ["vtube", "demand", "full", "vmtorrent"])]
+    mode: String,
+    /// Same as --mode demand.
+    #[arg(long)]
+    demand_only: bool,
+    /// Do not upload this session's trace.
+    #[arg(long)]
+    no_upload: bool,
+    /// The user's session for an `app` testbed guest, e.g. app,seed=4,steps=10,think=200
+    /// (the guest waits idle until it has one; also `vmm api session SPEC`).
+    #[arg(long, value_name = "app,KEY=VALUE...")]
+    session: Option<String>,
+}
+
+#[derive(Args)]
 #[command(after_help = "Testbed workloads (--testbed WORKLOAD[,key=value...]):\n  \
     mem   wss=SIZE|PCT% (default 50%), rate=PAGES_PER_SEC (0 = unlimited)\n  \
     kv    share=PCT of RAM (default 50), value=BYTES (1024), ratio=SET:GET (1:9), theta=ZIPF (0.99)\n  \
     disk  size=SIZE exercised (16M), block=SIZE per request (4096); needs --disk\n  \
+    app   state=SIZE|PCT% filled at boot (25%), features=N (32); then waits for a --session:\n        \
+    steps=N features opened (8), think=MS between them (200), seed=N (the user)\n  \
     all   duration=SECONDS of run phase (0 = until shut down), seed=N\n\n\
     With the testbed guest, the last line of stdout is a JSON object with the final statistics\n\
     (ops, ops_per_sec, errors, ...). Exit status: 0 success, 1 the guest failed or reported errors,\n\
@@ -186,6 +199,10 @@ struct RunArgs {
     /// Serve the control API (status, pause, resume, shutdown) on this Unix socket.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// The user's session for an `app` testbed guest, e.g. app,seed=4,steps=10,think=200
+    /// (without it the guest waits idle after its fill: the moment to snapshot an appliance).
+    #[arg(long, value_name = "app,KEY=VALUE...", requires = "testbed")]
+    session: Option<String>,
 }
 
 fn parse_mem(s: &str) -> Result<u64, String> {
@@ -204,7 +221,7 @@ fn run(args: RunArgs) -> ExitCode {
     };
     let cfg =
         VmConfig { mem_size: args.mem, vcpus: args.vcpus, boot, disks: args.disk, serial: serial_out(&args.serial) };
-    run_vm(cfg, args.api_sock)
+    run_vm(cfg, args.api_sock, args.session)
 }
 
 fn serial_out(s: &str) -> SerialOut {
@@ -215,9 +232,17 @@ fn serial_out(s: &str) -> SerialOut {
 }
 
 /// Creates the VM, serves the API, runs it to the end and reports.
-fn run_vm(cfg: VmConfig, api_sock: Option<PathBuf>) -> ExitCode {
+fn run_vm(cfg: VmConfig, api_sock: Option<PathBuf>, session: Option<String>) -> ExitCode {
     match Vm::create(cfg) {
-        Ok(vm) => serve_and_run(vm, api_sock),
+        Ok(vm) => {
+            if let Some(spec) = session {
+                if let Err(e) = vm.shared().set_session(&spec) {
+                    eprintln!("vmm: {e}");
+                    return ExitCode::from(EXIT_BAD_INPUT);
+                }
+            }
+            serve_and_run(vm, api_sock)
+        }
         Err(e) => {
             eprintln!("vmm: {e}");
             ExitCode::from(EXIT_BAD_INPUT)
@@ -300,15 +325,10 @@ fn receive(listen: &str, key_file: &std::path::Path, serial: &str, api_sock: Opt
 }
 
 /// `vmm stream`: runs a VM from a remote appliance.
-fn stream(
-    url: &str,
-    name: &str,
-    cache: &str,
-    serial: &str,
-    api_sock: Option<PathBuf>,
-    mode: &str,
-    upload: bool,
-) -> ExitCode {
+fn stream(args: StreamArgs) -> ExitCode {
+    let StreamArgs { url, name, cache, serial, api_sock, mode, demand_only, no_upload, session } = args;
+    let mode = if demand_only { "demand".to_string() } else { mode };
+    let (url, name, mode, upload) = (url.as_str(), name.as_str(), mode.as_str(), !no_upload);
     let cache = match cache.strip_prefix("~/") {
         Some(rest) => std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default().join(rest),
         None => PathBuf::from(cache),
@@ -323,10 +343,10 @@ fn stream(
     let cfg = appliance::session::SessionConfig {
         mode: session_mode,
         use_knowledge: mode != "demand",
-        params: serde_json::json!({"url": url, "mode": mode}),
+        params: serde_json::json!({"url": url, "mode": mode, "session": session}),
         ..Default::default()
     };
-    let streamed = match vmm::stream::start(url, name, &cache, serial_out(serial), cfg) {
+    let streamed = match vmm::stream::start(url, name, &cache, serial_out(&serial), cfg) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("vmm: {e}");
@@ -335,6 +355,12 @@ fn stream(
     };
     log::info!("stream: `{name}` launched after {:.2} s", streamed.session.stats().launch_s);
     let (vm, rest) = streamed.into_parts();
+    if let Some(spec) = &session {
+        if let Err(e) = vm.shared().set_session(spec) {
+            eprintln!("vmm: {e}");
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    }
     let code = serve_and_run(vm, api_sock);
     let summary = rest.finish(upload);
     eprintln!("stream: {summary}");
@@ -395,7 +421,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(args),
-        Command::Restore { snapshot, serial, api_sock } => {
+        Command::Restore { snapshot, serial, api_sock, session } => {
             let cfg = VmConfig {
                 mem_size: 0,
                 vcpus: 1,
@@ -403,7 +429,7 @@ fn main() -> ExitCode {
                 disks: Vec::new(),
                 serial: serial_out(&serial),
             };
-            run_vm(cfg, api_sock)
+            run_vm(cfg, api_sock, session)
         }
         Command::Receive { listen, key_file, serial, api_sock } => receive(&listen, &key_file, &serial, api_sock),
         Command::Migrate { api_sock, to, enlightened, mode, key_file, report } => {
@@ -491,10 +517,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Stream { url, name, cache, serial, api_sock, mode, demand_only, no_upload } => {
-            let mode = if demand_only { "demand".to_string() } else { mode };
-            stream(&url, &name, &cache, &serial, api_sock, &mode, !no_upload)
-        }
+        Command::Stream(args) => stream(args),
         Command::Api { api_sock, command } => match vmm::api::request(&api_sock, &command) {
             Ok(v) => {
                 println!("{v}");

@@ -69,6 +69,7 @@ impl StreamRest {
             Err(e) => serde_json::json!({"error": e.to_string()}),
         };
         serde_json::json!({
+            "knowledge_version": self.session.knowledge_version(),
             "session": stats,
             "client": client,
             "trace": trace,

@@ -125,12 +125,29 @@ pub struct Shared {
     pub progress: Mutex<std::collections::VecDeque<(u64, u64)>>,
     /// The migration in progress, if any.
     pub migration: crate::migration::Progress,
+    /// The user's session for an `app` testbed guest (session port).
+    pub session: Arc<Mutex<Vec<u8>>>,
 }
 
 /// Progress samples kept (10 s).
 pub const PROGRESS_SAMPLES: usize = 100;
 
 impl Shared {
+    /// Gives an `app` testbed guest its session (`app,seed=N,steps=N,think=MS`):
+    /// a guest waiting in phase `idle` starts it within 10 ms.
+    pub fn set_session(&self, spec: &str) -> Result<(), String> {
+        match WorkloadSpec::parse(spec) {
+            Ok(s) if s.workload == testbed_abi::Workload::App => {}
+            Ok(_) => return Err(format!("session `{spec}`: sessions are for the app workload (app,seed=N,...)")),
+            Err(e) => return Err(format!("session `{spec}`: {e}")),
+        }
+        if spec.len() > 255 {
+            return Err("session specification longer than 255 bytes".into());
+        }
+        *self.session.lock().unwrap_or_else(|e| e.into_inner()) = spec.as_bytes().to_vec();
+        Ok(())
+    }
+
     pub fn kick_all(&self) {
         for t in self.threads.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             t.kick();
@@ -881,6 +898,9 @@ impl ApiTarget for Shared {
     fn snapshot(&self, path: &std::path::Path) -> Result<Value, String> {
         Shared::snapshot(self, path)
     }
+    fn session(&self, spec: &str) -> Result<(), String> {
+        self.set_session(spec)
+    }
     fn enlighten(&self) -> Result<Value, String> {
         Shared::enlighten(self)
     }
@@ -1073,6 +1093,9 @@ impl Vm {
         pio.insert(0x60, 5, legacy::shared(I8042::default())).map_err(bus_err)?;
         pio.insert(testbed_abi::EXIT_PORT as u64, 4, legacy::shared(ExitPort)).map_err(bus_err)?;
         pio.insert(testbed_abi::PARK_PORT as u64, 4, legacy::shared(ParkPort)).map_err(bus_err)?;
+        let session = Arc::new(Mutex::new(Vec::new()));
+        pio.insert(testbed_abi::SESSION_PORT as u64, 1, legacy::shared(legacy::SessionPort::new(session.clone())))
+            .map_err(bus_err)?;
 
         // virtio-blk devices on virtio-mmio.
         let mut mmio = Bus::default();
@@ -1185,6 +1208,7 @@ impl Vm {
             api_in_flight: std::sync::atomic::AtomicI32::new(0),
             progress: Mutex::new(std::collections::VecDeque::with_capacity(PROGRESS_SAMPLES)),
             migration: Default::default(),
+            session,
         });
         Ok(Self { _kvm: kvm, _fd: fd, vcpu_fds, pio: Arc::new(pio), mmio: Arc::new(mmio), shared, serial_line_start })
     }

@@ -217,3 +217,151 @@ fn kv_appliance_streams_over_the_thesis_wan() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// Waits until the testbed guest behind `sock` reports `phase`.
+fn wait_phase(sock: &std::path::Path, phase: &str) {
+    let t0 = std::time::Instant::now();
+    loop {
+        let out = Command::new(vmm_bin()).args(["api", "--api-sock", path_str(sock), "status"]).output().unwrap();
+        if serde_json::from_slice::<serde_json::Value>(&out.stdout).is_ok_and(|s| s["workload"]["phase"] == phase) {
+            return;
+        }
+        assert!(t0.elapsed() < T, "never reached phase {phase}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An `app` appliance (a guest with a large prefilled state, snapshotted
+/// idle before its user's session) in `store`, served from a fresh local
+/// server; returns the server and its URL.
+fn app_appliance(d: &TempDir, store: &std::path::Path, port: Option<u16>) -> (std::process::Child, String) {
+    let sock = d.path("app.sock");
+    let snap = d.path("app.snap");
+    let mut c = Command::new(vmm_bin());
+    c.args(["run", "--testbed", "app,state=48M,features=16", "--mem", "512M", "--serial", "/dev/null"]);
+    c.args(["--api-sock", path_str(&sock)]);
+    let child = spawn_piped(c);
+    wait_phase(&sock, "idle");
+    let out = Command::new(vmm_bin())
+        .args(["snapshot", "--api-sock", path_str(&sock), "-o", path_str(&snap)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(api(&sock, "shutdown")["ok"], true);
+    assert_eq!(wait_output(child, T).code, Some(0));
+    let o =
+        vmm(&["appliance", "create", "--snapshot", path_str(&snap), "--store", path_str(store), "--name", "app"], T);
+    assert_eq!(o.code, Some(0), "{o}");
+    serve(store, port)
+}
+
+fn serve(store: &std::path::Path, port: Option<u16>) -> (std::process::Child, String) {
+    let addr = match port {
+        Some(p) => std::net::SocketAddr::from(([127, 0, 0, 1], p)),
+        None => std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap(),
+    };
+    let mut c = Command::new(vmm_bin());
+    c.args(["appliance", "serve", "--store", path_str(store), "--listen", &addr.to_string()]);
+    let server = spawn_piped(c);
+    std::thread::sleep(Duration::from_millis(300));
+    (server, format!("http://{addr}"))
+}
+
+/// One whole `app` session streamed to its end: the guest's final JSON and the stream summary.
+fn app_session(
+    url: &str,
+    cache: &std::path::Path,
+    mode: &str,
+    session: &str,
+) -> (serde_json::Value, serde_json::Value) {
+    let mut c = Command::new(vmm_bin());
+    c.args(["stream", url, "--name", "app", "--cache", path_str(cache), "--mode", mode, "--session", session]);
+    c.args(["--serial", "/dev/null"]);
+    let o = wait_output(spawn_piped(c), T);
+    assert_eq!(o.code, Some(0), "{o}");
+    let j = o.json();
+    assert_eq!(j["errors"], 0, "the guest read wrong data: {o}");
+    assert_eq!(j["phase"], "done", "{o}");
+    let line = o.stderr.lines().find_map(|l| l.strip_prefix("stream: {").map(|r| format!("{{{r}"))).unwrap();
+    (j, serde_json::from_str(&line).unwrap())
+}
+
+/// Issue 5's knowledge loop with real VM sessions: five users with
+/// different parameters (their choices, how many features they open, how
+/// long they think) stream an `app` appliance; their traces are analysed;
+/// a sixth user, not among them, streams it with vTube and reads almost
+/// everything from chunks that arrived before it asked (the rest comes
+/// by sequential read-ahead); demand-only fetching of the same session
+/// misses on every chunk. Both verify every page they read.
+#[test]
+fn app_sessions_train_vtube_and_a_new_user_rarely_misses() {
+    let d = TempDir::new("stream-app");
+    let store = d.path("store");
+    let (mut server, url) = app_appliance(&d, &store, None);
+    for (i, (steps, think)) in [(6, 100), (8, 50), (4, 150), (6, 0), (10, 50)].into_iter().enumerate() {
+        let session = format!("app,seed={},steps={steps},think={think}", 100 + i);
+        let (j, s) = app_session(&url, &d.path(&format!("train{i}")), "demand", &session);
+        assert!(j["ops"].as_u64().unwrap() >= 256, "{j}");
+        assert_eq!(s["trace"]["uploaded"], true, "{s}");
+    }
+    let o = vmm(&["appliance", "analyze", "--store", path_str(&store), "app"], T);
+    assert_eq!(o.code, Some(0), "{o}");
+    let k = o.json();
+    assert_eq!((k["version"].as_u64(), k["traces"].as_u64()), (Some(1), Some(5)), "{k}");
+
+    let new_user = "app,seed=999,steps=8,think=100";
+    let (jv, v) = app_session(&url, &d.path("vtube"), "vtube", new_user);
+    let (jd, dm) = app_session(&url, &d.path("demand"), "demand", new_user);
+    assert_eq!(jv["checksum"], jd["checksum"], "both read the same pages, and the same content");
+    assert_eq!(v["knowledge_version"], 1, "{v}");
+    let n = |s: &serde_json::Value, k: &str| s["session"][k].as_f64().unwrap();
+    let accessed = n(&v, "accesses") - n(&v, "zero_reads");
+    let miss_rate = n(&v, "misses") / accessed;
+    let fetch_ratio = v["client"]["chunks_fetched"].as_f64().unwrap() / accessed;
+    eprintln!(
+        "new user, vTube: {accessed} chunks accessed, miss rate {:.2}%, fetch ratio {fetch_ratio:.2}, launch {:.2} s, \
+         {} late reads, {} read ahead; demand only: {} misses\n{v}",
+        miss_rate * 100.0,
+        n(&v, "launch_s"),
+        n(&v, "late_reads"),
+        n(&v, "readahead_chunks"),
+        n(&dm, "misses")
+    );
+    assert_eq!(n(&dm, "misses"), n(&dm, "accesses") - n(&dm, "zero_reads"), "demand only misses every data chunk");
+    assert!(miss_rate < 0.05, "vTube missed {:.1}% of its accesses: {v}", miss_rate * 100.0);
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+/// The server goes away in the middle of a session and comes back: the
+/// guest waits for the pages it needs (uncorrupted), then completes.
+#[test]
+fn a_server_that_goes_away_mid_session_is_waited_for() {
+    let d = TempDir::new("stream-away");
+    let store = d.path("store");
+    let (mut server, url) = app_appliance(&d, &store, None);
+    let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+    let sock = d.path("stream.sock");
+    let mut c = Command::new(vmm_bin());
+    c.args(["stream", &url, "--name", "app", "--cache", path_str(&d.path("cache")), "--mode", "demand"]);
+    c.args(["--session", "app,seed=5,steps=8,think=400", "--serial", "/dev/null", "--api-sock", path_str(&sock)]);
+    let child = spawn_piped(c);
+    wait_phase(&sock, "run");
+    let _ = server.kill();
+    let _ = server.wait();
+    let before = api(&sock, "status")["workload"]["ops"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let st = api(&sock, "status");
+    assert_eq!(st["workload"]["phase"], "run", "the guest waits for its pages: {st}");
+    assert_eq!(st["workload"]["errors"], 0, "{st}");
+    let (mut server, _) = serve(&store, Some(port));
+    let o = wait_output(child, T);
+    assert_eq!(o.code, Some(0), "{o}");
+    let j = o.json();
+    assert_eq!(j["errors"], 0, "{o}");
+    assert_eq!(j["phase"], "done", "{o}");
+    assert!(j["ops"].as_u64().unwrap() > before, "{j}");
+    assert!(o.stderr.contains("retrying"), "the outage was noticed and waited out: {}", o.stderr);
+    let _ = server.kill();
+    let _ = server.wait();
+}

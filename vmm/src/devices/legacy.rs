@@ -135,6 +135,34 @@ impl BusDevice for ParkPort {
     }
 }
 
+/// The testbed session port ([`testbed_abi::SESSION_PORT`]): reads return
+/// the session specification byte by byte (0 past its end, or while there is
+/// none); a write starts it over.
+pub struct SessionPort {
+    pub spec: Arc<Mutex<Vec<u8>>>,
+    pos: usize,
+}
+
+impl SessionPort {
+    pub fn new(spec: Arc<Mutex<Vec<u8>>>) -> Self {
+        Self { spec, pos: 0 }
+    }
+}
+
+impl BusDevice for SessionPort {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        let spec = self.spec.lock().unwrap_or_else(|e| e.into_inner());
+        for b in data.iter_mut() {
+            *b = spec.get(self.pos).copied().unwrap_or(0);
+            self.pos = (self.pos + 1).min(spec.len());
+        }
+    }
+    fn write(&mut self, _offset: u64, _data: &[u8]) -> BusAction {
+        self.pos = 0;
+        BusAction::None
+    }
+}
+
 /// Shared handle type for bus devices.
 pub fn shared<D: BusDevice + 'static>(d: D) -> Arc<Mutex<dyn BusDevice>> {
     Arc::new(Mutex::new(d))
@@ -143,6 +171,29 @@ pub fn shared<D: BusDevice + 'static>(d: D) -> Arc<Mutex<dyn BusDevice>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn session_port_reads_the_spec_and_rewinds() {
+        let spec = Arc::new(Mutex::new(Vec::new()));
+        let mut port = SessionPort::new(spec.clone());
+        let mut b = [9u8];
+        port.read(0, &mut b);
+        assert_eq!(b, [0], "no session yet");
+        *spec.lock().unwrap() = b"app,seed=2".to_vec();
+        port.write(0, &[0]);
+        let mut got = Vec::new();
+        loop {
+            port.read(0, &mut b);
+            if b[0] == 0 {
+                break;
+            }
+            got.push(b[0]);
+        }
+        assert_eq!(got, b"app,seed=2");
+        port.write(0, &[0]);
+        port.read(0, &mut b);
+        assert_eq!(b, [b'a']);
+    }
 
     #[test]
     fn i8042_reset_requests_vm_reset() {
