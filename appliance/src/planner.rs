@@ -21,11 +21,16 @@ pub enum Current {
 pub struct PlannerConfig {
     /// Clusters whose interval from the current one is longer are not considered (µs).
     pub lookout_us: u64,
+    /// A floor under equation 3.1's threshold: a cluster is selected only if
+    /// `P(Y|X)` also exceeds this (0 = the thesis' rule alone). Trades
+    /// misses (content then arrives by demand fetch and read-ahead) for a
+    /// lower fetch ratio.
+    pub min_probability: f64,
 }
 
 impl Default for PlannerConfig {
     fn default() -> Self {
-        Self { lookout_us: 60_000_000 }
+        Self { lookout_us: 60_000_000, min_probability: 0.0 }
     }
 }
 
@@ -91,7 +96,7 @@ pub fn plan(
             continue;
         }
         let size = k.clusters[r.to as usize].bytes;
-        if r.p <= k.size_percentile(size) {
+        if r.p <= k.size_percentile(size) || r.p <= cfg.min_probability {
             continue;
         }
         let left = remaining(r.to);

@@ -153,6 +153,10 @@ struct StreamArgs {
     /// Do not upload this session's trace.
     #[arg(long)]
     no_upload: bool,
+    /// vTube: select a cluster for transfer only if its probability also exceeds this
+    /// (0 = the thesis' rule, equation 3.1, alone). Higher: fewer chunks fetched, more misses.
+    #[arg(long, value_name = "P", default_value_t = 0.0)]
+    min_probability: f64,
     /// The user's session for an `app` testbed guest, e.g. app,seed=4,steps=10,think=200
     /// (the guest waits idle until it has one; also `vmm api session SPEC`).
     #[arg(long, value_name = "app,KEY=VALUE...")]
@@ -326,7 +330,12 @@ fn receive(listen: &str, key_file: &std::path::Path, serial: &str, api_sock: Opt
 
 /// `vmm stream`: runs a VM from a remote appliance.
 fn stream(args: StreamArgs) -> ExitCode {
-    let StreamArgs { url, name, cache, serial, api_sock, mode, demand_only, no_upload, session } = args;
+    let StreamArgs { url, name, cache, serial, api_sock, mode, demand_only, no_upload, session, min_probability } =
+        args;
+    if !(0.0..=1.0).contains(&min_probability) {
+        eprintln!("vmm: --min-probability {min_probability}: must be between 0 and 1");
+        return ExitCode::from(EXIT_BAD_INPUT);
+    }
     let mode = if demand_only { "demand".to_string() } else { mode };
     let (url, name, mode, upload) = (url.as_str(), name.as_str(), mode.as_str(), !no_upload);
     let cache = match cache.strip_prefix("~/") {
@@ -344,6 +353,7 @@ fn stream(args: StreamArgs) -> ExitCode {
         mode: session_mode,
         use_knowledge: mode != "demand",
         params: serde_json::json!({"url": url, "mode": mode, "session": session}),
+        planner: appliance::planner::PlannerConfig { min_probability, ..Default::default() },
         ..Default::default()
     };
     let streamed = match vmm::stream::start(url, name, &cache, serial_out(&serial), cfg) {

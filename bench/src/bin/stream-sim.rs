@@ -89,7 +89,7 @@ fn main() {
     let knowledge = analyze(&train, &bytes, &AnalysisParams::default()).expect("analysis");
     let analysis_s = t_analysis.elapsed().as_secs_f64();
     let knowledge_p1 = analyze(&train, &bytes, &AnalysisParams { prior: 1.0, ..Default::default() }).expect("analysis");
-    let cfg = PlannerConfig { lookout_us: (a.lookout_s * 1e6) as u64 };
+    let cfg = PlannerConfig { lookout_us: (a.lookout_s * 1e6) as u64, ..Default::default() };
     let profile = vmtorrent_profile(&train, &bytes);
     let kbytes = knowledge.to_bytes().len() as u64;
     // Manifest: 32 bytes per unique chunk plus runs; knowledge as JSON.

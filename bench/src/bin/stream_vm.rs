@@ -8,18 +8,19 @@
 //!    --mode demand` from a server on the loopback; each uploads its trace
 //!    (network waits removed, thesis 3.3.3 step 4). `vmm appliance analyze`
 //!    clusters them.
-//! 3. Evaluation: one further user, not among them, streams the appliance
-//!    over the thesis' WAN (tbf between two network namespaces plus a relay
-//!    adding the round trip) under each policy: full download, demand only,
-//!    VMTorrent's profile order and vTube, each with a cold cache. The guest
-//!    verifies every page it reads and ends the VM when the session is over.
+//! 3. Evaluation over the thesis' WAN (tbf between two network namespaces
+//!    plus a relay adding the round trip), every session with a cold cache:
+//!    a new user, not among the trained ones, under each policy (full
+//!    download, demand only, VMTorrent's profile order, vTube: Table 3.3),
+//!    then `--users` new users in all with vTube (Table 3.2). The guest
+//!    verifies every page it reads and ends the VM when its session is over.
 //!
 //! Prints the table (launch time, session time, fetch ratio, buffering
 //! ratio, buffering events per minute, miss rate) and writes JSON to
 //! `--out`. Needs root (network namespaces).
 //!
 //! Usage: stream-vm [--mem 2G] [--state 320M] [--features 32] [--train 6] [--steps 8]
-//!        [--think 300] [--mbit 7.2] [--rtt-ms 120] [--modes full,demand,vmtorrent,vtube] [--out DIR]
+//!        [--think 300] [--mbit 7.2] [--rtt-ms 120] [--modes full,demand,vmtorrent,vtube] [--users 3] [--min-p P] [--interval S] [--out DIR]
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -41,13 +42,16 @@ struct Args {
     mbit: f64,
     rtt_ms: u64,
     modes: Vec<String>,
+    users: u32,
+    min_p: f64,
+    interval: f64,
     out: PathBuf,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: stream-vm [--mem 2G] [--state 320M] [--features 32] [--train 6] [--steps 8] [--think 300] \
-         [--mbit 7.2] [--rtt-ms 120] [--modes full,demand,vmtorrent,vtube] [--out DIR]"
+         [--mbit 7.2] [--rtt-ms 120] [--modes full,demand,vmtorrent,vtube] [--users 3] [--min-p P] [--interval S] [--out DIR]"
     );
     std::process::exit(2)
 }
@@ -63,6 +67,9 @@ fn parse() -> Args {
         mbit: 7.2,
         rtt_ms: 120,
         modes: ["full", "demand", "vmtorrent", "vtube"].map(String::from).to_vec(),
+        users: 3,
+        min_p: 0.0,
+        interval: 0.1,
         out: PathBuf::from("target/stream-vm"),
     };
     let mut it = std::env::args().skip(1);
@@ -78,6 +85,9 @@ fn parse() -> Args {
             "--mbit" => a.mbit = val().parse().unwrap_or_else(|_| usage()),
             "--rtt-ms" => a.rtt_ms = val().parse().unwrap_or_else(|_| usage()),
             "--modes" => a.modes = val().split(',').map(String::from).collect(),
+            "--interval" => a.interval = val().parse().unwrap_or_else(|_| usage()),
+            "--min-p" => a.min_p = val().parse().unwrap_or_else(|_| usage()),
+            "--users" => a.users = val().parse().unwrap_or_else(|_| usage()),
             "--out" => a.out = PathBuf::from(val()),
             _ => usage(),
         }
@@ -140,8 +150,17 @@ fn make_appliance(vmm: &Path, a: &Args, dir: &Path, store: &Path) -> Value {
 }
 
 /// One `vmm stream` session to its end: (wall seconds, the guest's final JSON, the stream summary).
-fn stream(mut c: Command, url: &str, cache: &Path, mode: &str, session: &str, upload: bool) -> (f64, Value, Value) {
+fn stream(
+    mut c: Command,
+    url: &str,
+    cache: &Path,
+    mode: &str,
+    session: &str,
+    upload: bool,
+    min_p: f64,
+) -> (f64, Value, Value) {
     c.args(["stream", url, "--name", "app", "--mode", mode, "--session", session, "--serial", "/dev/null"]);
+    c.args(["--min-probability", &min_p.to_string()]);
     c.arg("--cache").arg(cache);
     if !upload {
         c.arg("--no-upload");
@@ -229,7 +248,7 @@ fn main() {
         let steps = (a.steps as i64 + (i as i64 % 3) * 2 - 2).max(1);
         let think = a.think * [1, 2, 1, 3][i as usize % 4] / 2;
         let session = format!("app,seed={},steps={steps},think={think}", 100 + i);
-        let (wall, g, s) = stream(Command::new(&vmm), &url, &dir.join("train-cache"), "demand", &session, true);
+        let (wall, g, s) = stream(Command::new(&vmm), &url, &dir.join("train-cache"), "demand", &session, true, 0.0);
         println!(
             "training session {i}: `{session}`: {} pages read, {} chunks accessed, {:.1} s",
             g["ops"], s["session"]["accesses"], wall
@@ -237,7 +256,12 @@ fn main() {
         training.push(json!({"session": session, "wall_s": wall, "pages_read": g["ops"]}));
     }
     drop(local);
-    let out = Command::new(&vmm).args(["appliance", "analyze", "--store"]).arg(&store).arg("app").output().unwrap();
+    let out = Command::new(&vmm)
+        .args(["appliance", "analyze", "--interval", &a.interval.to_string(), "--store"])
+        .arg(&store)
+        .arg("app")
+        .output()
+        .unwrap();
     assert!(out.status.success(), "analyze: {}", String::from_utf8_lossy(&out.stderr));
     let knowledge: Value = serde_json::from_slice(&out.stdout).expect("analysis");
     println!("Knowledge: {knowledge}");
@@ -262,39 +286,101 @@ fn main() {
     let wan = format!("http://{}", addr_rx.recv().expect("relay address"));
     std::thread::sleep(Duration::from_millis(300));
 
-    let session = format!("app,seed=999,steps={},think={}", a.steps, a.think);
     let full_s = created["stored_bytes"].as_f64().unwrap_or(0.0) * 8.0 / (a.mbit * 1e6);
-    println!("\n### `{session}` over {} Mbit/s, {} ms RTT (tbf + relay); a full download moves {:.1} MB: {full_s:.0} s at link rate\n",
-        a.mbit, a.rtt_ms, created["stored_bytes"].as_f64().unwrap_or(0.0) / 1e6);
-    println!("| policy | launch s | session s | accessed | fetched | fetch ratio | buffering ratio | buf events/min | misses | miss rate |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let mut rows = Vec::new();
-    for mode in &a.modes {
-        let label = match mode.as_str() {
+    let dst = || pair.command(Side::Dst, &vmm.to_string_lossy());
+    let run = |mode: &str, session: &str| {
+        let cache = dir.join(format!("cache-{mode}"));
+        let (wall, g, s) = stream(dst(), &wan, &cache, mode, session, false, a.min_p);
+        let _ = std::fs::remove_dir_all(&cache);
+        let label = match mode {
             "full" => "full download",
             "demand" => "demand only",
             "vmtorrent" => "VMTorrent order",
             "vtube" => "vTube",
             _ => usage(),
         };
-        let cache = dir.join(format!("cache-{mode}"));
-        let (wall, g, s) = stream(pair.command(Side::Dst, &vmm.to_string_lossy()), &wan, &cache, mode, &session, false);
-        let m = metrics(label, wall, &g, &s);
+        let mut m = metrics(label, wall, &g, &s);
+        m["session"] = session.into();
+        m
+    };
+    let header = || {
+        println!(
+            "| policy | launch s | session s | accessed | fetched | fetch ratio | buffering ratio | buf events/min | misses | miss rate |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    };
+    let row = |label: &str, m: &Value| {
+        let f = |k: &str| m[k].as_f64().unwrap_or(0.0);
         println!(
             "| {label} | {:.1} | {:.1} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {:.2}% |",
-            m["launch_s"].as_f64().unwrap_or(0.0),
-            wall,
+            f("launch_s"),
+            f("session_s"),
             m["accessed_chunks"],
             m["fetched_chunks"],
-            m["fetch_ratio"].as_f64().unwrap_or(0.0),
-            m["buffering_ratio"].as_f64().unwrap_or(0.0),
-            m["buffering_events_per_min"].as_f64().unwrap_or(0.0),
+            f("fetch_ratio"),
+            f("buffering_ratio"),
+            f("buffering_events_per_min"),
             m["misses"],
-            m["miss_rate"].as_f64().unwrap_or(0.0) * 100.0
+            f("miss_rate") * 100.0
         );
-        let _ = std::fs::remove_dir_all(&cache);
+    };
+
+    // New users, none among the training sessions: their own choices, a few
+    // more or fewer features, faster or slower.
+    let users: Vec<String> = (0..a.users.max(1))
+        .map(|u| {
+            let steps = (a.steps as i64 + [0, 2, -2][u as usize % 3]).max(1);
+            let think = a.think * [2, 1, 3][u as usize % 3] / 2;
+            format!("app,seed={},steps={steps},think={think}", 900 + u)
+        })
+        .collect();
+    println!(
+        "\n### Table 3.3: `{}` over {} Mbit/s, {} ms RTT (tbf + relay); a full download moves {:.1} MB: {full_s:.0} s at link rate\n",
+        users[0],
+        a.mbit,
+        a.rtt_ms,
+        created["stored_bytes"].as_f64().unwrap_or(0.0) / 1e6
+    );
+    header();
+    let mut rows = Vec::new();
+    for mode in &a.modes {
+        let m = run(mode, &users[0]);
+        row(m["policy"].as_str().unwrap_or("?"), &m);
         rows.push(m);
     }
+    println!("\n### Table 3.2: vTube for {} new users\n", users.len());
+    header();
+    let mut vtube: Vec<Value> = rows.iter().filter(|m| m["policy"] == "vTube").cloned().collect();
+    for u in &users[vtube.len().min(1)..] {
+        vtube.push(run("vtube", u));
+    }
+    for m in &vtube {
+        row(&format!("`{}`", m["session"].as_str().unwrap_or("?")), m);
+    }
+    let mean = |k: &str| vtube.iter().map(|m| m[k].as_f64().unwrap_or(0.0)).sum::<f64>() / vtube.len().max(1) as f64;
+    let (misses, accessed): (f64, f64) = vtube.iter().fold((0.0, 0.0), |(a, b), m| {
+        (a + m["misses"].as_f64().unwrap_or(0.0), b + m["accessed_chunks"].as_f64().unwrap_or(0.0))
+    });
+    let fetched: f64 = vtube.iter().map(|m| m["fetched_chunks"].as_f64().unwrap_or(0.0)).sum();
+    println!(
+        "\nvTube over {} new users: launch {:.1} s (full download {full_s:.0} s), fetch ratio {:.2}, miss rate {:.2}%, \
+         buffering ratio {:.2}, {:.2} buffering events/min",
+        vtube.len(),
+        mean("launch_s"),
+        fetched / accessed.max(1.0),
+        misses / accessed.max(1.0) * 100.0,
+        mean("buffering_ratio"),
+        mean("buffering_events_per_min")
+    );
+    let summary = json!({
+        "users": vtube.len(),
+        "launch_s_mean": mean("launch_s"),
+        "fetch_ratio": fetched / accessed.max(1.0),
+        "miss_rate": misses / accessed.max(1.0),
+        "buffering_ratio_mean": mean("buffering_ratio"),
+        "buffering_events_per_min_mean": mean("buffering_events_per_min"),
+        "full_download_s": full_s,
+    });
     let _ = stop_tx.send(());
     let _ = relay.join();
     drop(pair);
@@ -303,9 +389,12 @@ fn main() {
         "training": training,
         "knowledge": knowledge,
         "link": {"mbit_s": a.mbit, "rtt_ms": a.rtt_ms},
+        "min_probability": a.min_p,
+        "clustering_interval_s": a.interval,
         "full_download_s_at_link_rate": full_s,
-        "session": session,
         "policies": rows,
+        "vtube_users": vtube,
+        "vtube_summary": summary,
     });
     let _ = std::fs::create_dir_all(&a.out);
     let path = a.out.join("stream-vm.json");
