@@ -275,7 +275,8 @@ mod tests {
         assert!(p.buffer.is_empty());
         assert_eq!(p.stream.iter().map(|s| s.0).collect::<Vec<_>>(), vec![c]);
         // A short lookout window sees nothing past it.
-        let p = plan(&k, Current::Start, false, &size, 1e6, &PlannerConfig { lookout_us: 6_000_000 });
+        let p =
+            plan(&k, Current::Start, false, &size, 1e6, &PlannerConfig { lookout_us: 6_000_000, ..Default::default() });
         assert_eq!(p.stream.iter().map(|s| s.0).collect::<Vec<_>>(), vec![b]);
     }
 
