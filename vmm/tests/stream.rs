@@ -261,7 +261,7 @@ fn make_app_appliance(d: &TempDir, store: &std::path::Path, spec: &str, mem: &st
         vmm(&["appliance", "create", "--snapshot", path_str(&snap), "--store", path_str(store), "--name", "app"], T);
     assert_eq!(o.code, Some(0), "{o}");
     let _ = std::fs::remove_file(&snap);
-    o.json()
+    serde_json::from_str(&o.stdout).unwrap_or_else(|e| panic!("appliance create report: {e}: {o}"))
 }
 
 fn serve(store: &std::path::Path, port: Option<u16>) -> (std::process::Child, String) {
