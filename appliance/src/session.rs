@@ -579,6 +579,33 @@ impl Session {
         Ok(trace)
     }
 
+    /// How well the knowledge predicted this session so far: for the
+    /// clusters requested (buffered or streamed), their chunks with
+    /// content, how many of those the guest read, and the same split for
+    /// the clusters requested at the start (the launch decision).
+    pub fn prediction(&self) -> serde_json::Value {
+        let Some((_, k)) = &self.knowledge else { return serde_json::Value::Null };
+        let st = self.lock();
+        let data = |key: &ChunkKey| matches!(self.manifest.chunk(*key), Some(ChunkRef::Data(_)));
+        let (mut clusters, mut chunks, mut read) = (0u64, 0u64, 0u64);
+        for (i, c) in k.clusters.iter().enumerate() {
+            if !st.requested[i] {
+                continue;
+            }
+            clusters += 1;
+            for key in c.keys().filter(|key| data(key)) {
+                chunks += 1;
+                read += self.recorder.seen(key) as u64;
+            }
+        }
+        serde_json::json!({
+            "clusters": k.clusters.len(),
+            "clusters_requested": clusters,
+            "requested_chunks": chunks,
+            "requested_chunks_read": read,
+        })
+    }
+
     /// Time since the session started.
     pub fn elapsed(&self) -> Duration {
         self.start.elapsed()

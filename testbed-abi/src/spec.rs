@@ -8,7 +8,7 @@
 //! | `mem`  | `wss=SIZE|PCT%` working set (default 50%), `rate=PAGES` pages dirtied per second (0 = as fast as possible, default) |
 //! | `kv`   | `share=PCT` of RAM filled (default 50), `value=BYTES` value size (default 1024), `ratio=SET:GET` (default 1:9), `theta=F` Zipf skew (default 0.99) |
 //! | `disk` | `size=SIZE` bytes of disk exercised (default 16M, capped at the disk size), `block=SIZE` request size (default 4096) |
-//! | `app`  | `state=SIZE|PCT%` state filled at boot (default 25%), `features=N` regions in it (default 32); per session: `steps=N` features opened (default 8), `think=MS` pause between them (default 200) |
+//! | `app`  | `state=SIZE|PCT%` state filled at boot (default 25%), `features=N` regions in it (default 32); per session: `steps=N` features opened (default 8), `think=MS` pause between them (default 200), `flow=PCT` chance of following the usual workflow to the next feature (default 70) |
 //! | `virtio-garbage` | no keys; a test workload that writes garbage to virtio registers, descriptors and rings |
 //! | `fault` | no keys; a test workload that executes `ud2` with no IDT, i.e. triple-faults the VM |
 //!
@@ -115,6 +115,8 @@ pub struct AppParams {
     pub steps: u32,
     /// Pause between features, ms.
     pub think_ms: u32,
+    /// Percent chance that the next feature is the current one's usual successor.
+    pub flow_pct: u32,
 }
 
 /// A parsed workload specification.
@@ -174,7 +176,7 @@ fn valid_keys(workload: &str) -> &'static str {
         "mem" => "duration, seed, wss, rate",
         "kv" => "duration, seed, share, value, ratio, theta",
         "disk" => "duration, seed, size, block",
-        "app" => "duration, seed, state, features, steps, think",
+        "app" => "duration, seed, state, features, steps, think, flow",
         _ => "duration, seed",
     }
 }
@@ -233,7 +235,7 @@ impl WorkloadSpec {
             mem: MemParams { wss: SizeOrPercent::Percent(50), rate: 0 },
             kv: KvParams { share_pct: 50, value_size: 1024, sets: 1, gets: 9, theta_milli: 990 },
             disk: DiskParams { size: 16 << 20, block: 4096 },
-            app: AppParams { state: SizeOrPercent::Percent(25), features: 32, steps: 8, think_ms: 200 },
+            app: AppParams { state: SizeOrPercent::Percent(25), features: 32, steps: 8, think_ms: 200, flow_pct: 70 },
             stale_pct: 0,
             ops_limit: 0,
         }
@@ -324,6 +326,10 @@ impl WorkloadSpec {
                     Some(n @ 0..=100_000) => spec.app.steps = n as u32,
                     _ => return Err(bad("a number of steps up to 100000")),
                 },
+                (Workload::App, "flow") => match parse_u64(value.trim_end_matches('%')) {
+                    Some(p @ 0..=100) => spec.app.flow_pct = p as u32,
+                    _ => return Err(bad("a percentage from 0 to 100")),
+                },
                 (Workload::App, "think") => match parse_u64(value) {
                     Some(n @ 0..=600_000) => spec.app.think_ms = n as u32,
                     _ => return Err(bad("milliseconds up to 600000")),
@@ -386,7 +392,12 @@ mod tests {
         assert_eq!(s.disk.block, 65536);
         let s = WorkloadSpec::parse("app,state=320M,features=48,steps=12,think=0,seed=3").unwrap();
         assert_eq!(s.workload, Workload::App);
-        assert_eq!(s.app, AppParams { state: SizeOrPercent::Bytes(320 << 20), features: 48, steps: 12, think_ms: 0 });
+        assert_eq!(
+            s.app,
+            AppParams { state: SizeOrPercent::Bytes(320 << 20), features: 48, steps: 12, think_ms: 0, flow_pct: 70 }
+        );
+        assert_eq!(WorkloadSpec::parse("app,flow=40").unwrap().app.flow_pct, 40);
+        assert!(WorkloadSpec::parse("app,flow=101").is_err());
         assert_eq!(WorkloadSpec::parse("app").unwrap().app.state, SizeOrPercent::Percent(25));
         assert!(WorkloadSpec::parse("app,features=0").is_err());
         assert!(WorkloadSpec::parse("app,state=4K").is_err());

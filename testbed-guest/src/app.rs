@@ -79,8 +79,8 @@ pub fn run(bi: &BootInfo, spec: &WorkloadSpec, clock: &Clock, mut enl: Option<en
         Err(e) => fail(format_args!("session `{text}`: {e}")),
     };
     println!(
-        "testbed: app: session seed={} steps={} think={} ms",
-        session.seed, session.app.steps, session.app.think_ms
+        "testbed: app: session seed={} steps={} think={} ms flow={}%",
+        session.seed, session.app.steps, session.app.think_ms, session.app.flow_pct
     );
     crate::start_run_phase();
 
@@ -95,10 +95,10 @@ pub fn run(bi: &BootInfo, spec: &WorkloadSpec, clock: &Clock, mut enl: Option<en
         crate::heartbeat(total.ops, total.errors);
     };
     open(layout.core(), &mut total);
-    let mut s = AppSession::new(&layout, session.app.steps, session.seed);
-    while let Some(rank) = s.next_rank() {
+    let mut s = AppSession::new(&layout, session.app.steps, session.app.flow_pct, session.seed);
+    while let Some(f) = s.next_feature() {
         spin_ms(clock, session.app.think_ms as u64, &mut enl);
-        open(layout.feature(layout.feature_at_rank(rank)), &mut total);
+        open(layout.feature(f), &mut total);
     }
     if total.errors != 0 {
         println!("testbed: app: {} pages read wrong", total.errors);

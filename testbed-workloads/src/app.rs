@@ -8,9 +8,12 @@
 //! regions spread across it (menus, levels, documents, tools), each loaded
 //! page by page when the user first opens it; the rest of the state is
 //! cold. A *session* (the user's visit) opens the core and then `steps`
-//! features, picked by a Zipf popularity that is a property of the appliance
-//! (fixed by the boot seed) with the choices of this user (the session
-//! seed), pausing `think` ms between them. Every page read is verified
+//! features, pausing `think` ms between them. Like an application's
+//! workflows, each feature has a usual next one (a property of the
+//! appliance, fixed by the boot seed) which the user follows with
+//! probability `flow`; otherwise, and for the first, the user jumps to a
+//! feature picked by a Zipf popularity (also the appliance's) with this
+//! user's own choices (the session seed). Every page read is verified
 //! word by word against what the fill wrote.
 
 use crate::kv::Zipf;
@@ -86,6 +89,13 @@ impl AppLayout {
         Batch { ops: 1, errors: bad as u64, checksum: checksum_words(words) ^ page }
     }
 
+    /// The feature that usually follows feature `f` (a workflow).
+    pub fn successor(&self, f: u32) -> u32 {
+        let n = self.features as u64;
+        let next = (f as u64 + 1 + mix(self.seed ^ 0x5cc ^ (f as u64) << 8) % (n - 1).max(1)) % n;
+        next as u32
+    }
+
     /// The feature opened at popularity rank `rank` (0 = most popular): a
     /// permutation fixed by the appliance's seed.
     pub fn feature_at_rank(&self, rank: u32) -> u32 {
@@ -109,24 +119,40 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
 
 /// A user's session: the sequence of features opened after the core.
 pub struct AppSession {
+    layout: AppLayout,
     zipf: Zipf,
     rng: Rng,
     left: u32,
+    flow_pct: u32,
+    current: Option<u32>,
 }
 
 impl AppSession {
-    pub fn new(layout: &AppLayout, steps: u32, seed: u64) -> Self {
-        Self { zipf: Zipf::new(layout.features as u64, FEATURE_THETA), rng: Rng::new(seed ^ 0x5e55), left: steps }
+    /// `steps` features; the usual next feature with probability `flow_pct`%.
+    pub fn new(layout: &AppLayout, steps: u32, flow_pct: u32, seed: u64) -> Self {
+        Self {
+            layout: layout.clone(),
+            zipf: Zipf::new(layout.features as u64, FEATURE_THETA),
+            rng: Rng::new(seed ^ 0x5e55),
+            left: steps,
+            flow_pct,
+            current: None,
+        }
     }
 
-    /// The next feature to open, by popularity rank (map with
-    /// [`AppLayout::feature_at_rank`]); `None` when the session is over.
-    pub fn next_rank(&mut self) -> Option<u32> {
+    /// The next feature to open; `None` when the session is over.
+    pub fn next_feature(&mut self) -> Option<u32> {
         if self.left == 0 {
             return None;
         }
         self.left -= 1;
-        Some(self.zipf.sample(&mut self.rng) as u32)
+        let follow = self.rng.below(100) < self.flow_pct as u64;
+        let f = match self.current {
+            Some(c) if follow => self.layout.successor(c),
+            _ => self.layout.feature_at_rank(self.zipf.sample(&mut self.rng) as u32),
+        };
+        self.current = Some(f);
+        Some(f)
     }
 }
 
@@ -159,9 +185,13 @@ mod tests {
 
         // Sessions of different users differ; the same user repeats.
         let picks = |seed| {
-            let mut s = AppSession::new(&l, 12, seed);
-            std::iter::from_fn(|| s.next_rank()).collect::<vec::Vec<_>>()
+            let mut s = AppSession::new(&l, 12, 50, seed);
+            std::iter::from_fn(|| s.next_feature()).collect::<vec::Vec<_>>()
         };
+        // Always following the workflow: each feature is the last one's successor.
+        let mut s = AppSession::new(&l, 6, 100, 1);
+        let w: vec::Vec<u32> = std::iter::from_fn(|| s.next_feature()).collect();
+        assert!(w.windows(2).all(|p| p[1] == l.successor(p[0]) && p[1] != p[0]), "{w:?}");
         assert_eq!(picks(3).len(), 12);
         assert_eq!(picks(3), picks(3));
         assert_ne!(picks(3), picks(4));

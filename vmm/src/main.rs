@@ -157,6 +157,10 @@ struct StreamArgs {
     /// (0 = the thesis' rule, equation 3.1, alone). Higher: fewer chunks fetched, more misses.
     #[arg(long, value_name = "P", default_value_t = 0.0)]
     min_probability: f64,
+    /// vTube's lookout window: clusters expected later than this after the current one are
+    /// left for later decisions.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+    lookout: f64,
     /// The user's session for an `app` testbed guest, e.g. app,seed=4,steps=10,think=200
     /// (the guest waits idle until it has one; also `vmm api session SPEC`).
     #[arg(long, value_name = "app,KEY=VALUE...")]
@@ -169,7 +173,8 @@ struct StreamArgs {
     kv    share=PCT of RAM (default 50), value=BYTES (1024), ratio=SET:GET (1:9), theta=ZIPF (0.99)\n  \
     disk  size=SIZE exercised (16M), block=SIZE per request (4096); needs --disk\n  \
     app   state=SIZE|PCT% filled at boot (25%), features=N (32); then waits for a --session:\n        \
-    steps=N features opened (8), think=MS between them (200), seed=N (the user)\n  \
+    steps=N features opened (8), think=MS between them (200), flow=PCT following the usual\n        \
+    next feature (70), seed=N (the user)\n  \
     all   duration=SECONDS of run phase (0 = until shut down), seed=N\n\n\
     With the testbed guest, the last line of stdout is a JSON object with the final statistics\n\
     (ops, ops_per_sec, errors, ...). Exit status: 0 success, 1 the guest failed or reported errors,\n\
@@ -330,8 +335,23 @@ fn receive(listen: &str, key_file: &std::path::Path, serial: &str, api_sock: Opt
 
 /// `vmm stream`: runs a VM from a remote appliance.
 fn stream(args: StreamArgs) -> ExitCode {
-    let StreamArgs { url, name, cache, serial, api_sock, mode, demand_only, no_upload, session, min_probability } =
-        args;
+    let StreamArgs {
+        url,
+        name,
+        cache,
+        serial,
+        api_sock,
+        mode,
+        demand_only,
+        no_upload,
+        session,
+        min_probability,
+        lookout,
+    } = args;
+    if !(lookout > 0.0 && lookout.is_finite()) {
+        eprintln!("vmm: --lookout {lookout}: must be a positive number of seconds");
+        return ExitCode::from(EXIT_BAD_INPUT);
+    }
     if !(0.0..=1.0).contains(&min_probability) {
         eprintln!("vmm: --min-probability {min_probability}: must be between 0 and 1");
         return ExitCode::from(EXIT_BAD_INPUT);
@@ -353,7 +373,7 @@ fn stream(args: StreamArgs) -> ExitCode {
         mode: session_mode,
         use_knowledge: mode != "demand",
         params: serde_json::json!({"url": url, "mode": mode, "session": session}),
-        planner: appliance::planner::PlannerConfig { min_probability, ..Default::default() },
+        planner: appliance::planner::PlannerConfig { min_probability, lookout_us: (lookout * 1e6) as u64 },
         ..Default::default()
     };
     let streamed = match vmm::stream::start(url, name, &cache, serial_out(&serial), cfg) {

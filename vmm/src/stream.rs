@@ -63,6 +63,7 @@ impl StreamRest {
             let _ = t.join();
         }
         let stats = self.session.stats();
+        let prediction = self.session.prediction();
         let client = self.session.client().stats();
         let trace = match self.session.finish(upload) {
             Ok(t) => serde_json::json!({"accesses": t.accesses.len(), "uploaded": upload}),
@@ -71,6 +72,7 @@ impl StreamRest {
         serde_json::json!({
             "knowledge_version": self.session.knowledge_version(),
             "session": stats,
+            "prediction": prediction,
             "client": client,
             "trace": trace,
             "pages_missing": self.pager.missing(),

@@ -20,7 +20,7 @@
 //! `--out`. Needs root (network namespaces).
 //!
 //! Usage: stream-vm [--mem 2G] [--state 320M] [--features 32] [--train 6] [--steps 8]
-//!        [--think 300] [--mbit 7.2] [--rtt-ms 120] [--modes full,demand,vmtorrent,vtube] [--users 3] [--min-p P] [--interval S] [--out DIR]
+//!        [--think 2500] [--mbit 7.2] [--rtt-ms 120] [--modes full,demand,vmtorrent,vtube] [--users 3] [--min-p P] [--interval S] [--lookout S] [--out DIR]
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -45,13 +45,14 @@ struct Args {
     users: u32,
     min_p: f64,
     interval: f64,
+    lookout: f64,
     out: PathBuf,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: stream-vm [--mem 2G] [--state 320M] [--features 32] [--train 6] [--steps 8] [--think 300] \
-         [--mbit 7.2] [--rtt-ms 120] [--modes full,demand,vmtorrent,vtube] [--users 3] [--min-p P] [--interval S] [--out DIR]"
+        "usage: stream-vm [--mem 2G] [--state 320M] [--features 32] [--train 6] [--steps 8] [--think 2500] \
+         [--mbit 7.2] [--rtt-ms 120] [--modes full,demand,vmtorrent,vtube] [--users 3] [--min-p P] [--interval S] [--lookout S] [--out DIR]"
     );
     std::process::exit(2)
 }
@@ -63,13 +64,14 @@ fn parse() -> Args {
         features: 32,
         train: 6,
         steps: 8,
-        think: 300,
+        think: 2500,
         mbit: 7.2,
         rtt_ms: 120,
         modes: ["full", "demand", "vmtorrent", "vtube"].map(String::from).to_vec(),
         users: 3,
         min_p: 0.0,
-        interval: 0.1,
+        interval: 2.0,
+        lookout: 60.0,
         out: PathBuf::from("target/stream-vm"),
     };
     let mut it = std::env::args().skip(1);
@@ -85,6 +87,7 @@ fn parse() -> Args {
             "--mbit" => a.mbit = val().parse().unwrap_or_else(|_| usage()),
             "--rtt-ms" => a.rtt_ms = val().parse().unwrap_or_else(|_| usage()),
             "--modes" => a.modes = val().split(',').map(String::from).collect(),
+            "--lookout" => a.lookout = val().parse().unwrap_or_else(|_| usage()),
             "--interval" => a.interval = val().parse().unwrap_or_else(|_| usage()),
             "--min-p" => a.min_p = val().parse().unwrap_or_else(|_| usage()),
             "--users" => a.users = val().parse().unwrap_or_else(|_| usage()),
@@ -157,10 +160,10 @@ fn stream(
     mode: &str,
     session: &str,
     upload: bool,
-    min_p: f64,
+    (min_p, lookout): (f64, f64),
 ) -> (f64, Value, Value) {
     c.args(["stream", url, "--name", "app", "--mode", mode, "--session", session, "--serial", "/dev/null"]);
-    c.args(["--min-probability", &min_p.to_string()]);
+    c.args(["--min-probability", &min_p.to_string(), "--lookout", &lookout.to_string()]);
     c.arg("--cache").arg(cache);
     if !upload {
         c.arg("--no-upload");
@@ -205,6 +208,7 @@ fn metrics(label: &str, wall: f64, guest: &Value, s: &Value) -> Value {
         "readahead_chunks": n("readahead_chunks"),
         "prefetch_chunks": s["client"]["prefetch_chunks"],
         "demand_chunks": s["client"]["demand_chunks"],
+        "prediction": s["prediction"],
     })
 }
 
@@ -247,8 +251,10 @@ fn main() {
         // Different users: their own choices, a few more or fewer features, slower or faster.
         let steps = (a.steps as i64 + (i as i64 % 3) * 2 - 2).max(1);
         let think = a.think * [1, 2, 1, 3][i as usize % 4] / 2;
-        let session = format!("app,seed={},steps={steps},think={think}", 100 + i);
-        let (wall, g, s) = stream(Command::new(&vmm), &url, &dir.join("train-cache"), "demand", &session, true, 0.0);
+        let flow = [70, 60, 80, 70][i as usize % 4];
+        let session = format!("app,seed={},steps={steps},think={think},flow={flow}", 100 + i);
+        let (wall, g, s) =
+            stream(Command::new(&vmm), &url, &dir.join("train-cache"), "demand", &session, true, (0.0, 60.0));
         println!(
             "training session {i}: `{session}`: {} pages read, {} chunks accessed, {:.1} s",
             g["ops"], s["session"]["accesses"], wall
@@ -290,7 +296,7 @@ fn main() {
     let dst = || pair.command(Side::Dst, &vmm.to_string_lossy());
     let run = |mode: &str, session: &str| {
         let cache = dir.join(format!("cache-{mode}"));
-        let (wall, g, s) = stream(dst(), &wan, &cache, mode, session, false, a.min_p);
+        let (wall, g, s) = stream(dst(), &wan, &cache, mode, session, false, (a.min_p, a.lookout));
         let _ = std::fs::remove_dir_all(&cache);
         let label = match mode {
             "full" => "full download",
@@ -391,6 +397,7 @@ fn main() {
         "link": {"mbit_s": a.mbit, "rtt_ms": a.rtt_ms},
         "min_probability": a.min_p,
         "clustering_interval_s": a.interval,
+        "lookout_s": a.lookout,
         "full_download_s_at_link_rate": full_s,
         "policies": rows,
         "vtube_users": vtube,
