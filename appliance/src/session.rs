@@ -123,7 +123,7 @@ struct ReadAhead {
 }
 
 const RA_INIT: u64 = 16;
-const RA_MAX: u64 = 64;
+const RA_MAX: u64 = 32;
 
 fn key_add(k: ChunkKey, n: u64) -> ChunkKey {
     match k {

@@ -19,8 +19,8 @@
 //! ratio, buffering events per minute, miss rate) and writes JSON to
 //! `--out`. Needs root (network namespaces).
 //!
-//! Usage: stream-vm [--mem 2G] [--state 320M] [--features 32] [--train 6] [--steps 8]
-//!        [--think 2500] [--mbit 7.2] [--rtt-ms 120] [--modes full,demand,vmtorrent,vtube] [--users 3] [--min-p P] [--interval S] [--lookout S] [--out DIR]
+//! Usage: stream-vm [--mem 2G] [--state 320M] [--features 32] [--train 10] [--steps 8]
+//!        [--think 2500] [--mbit 7.2] [--rtt-ms 120] [--modes full,demand,vmtorrent,vtube] [--users 3] [--min-p P] [--interval S] [--lookout 2] [--out DIR]
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -51,8 +51,8 @@ struct Args {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: stream-vm [--mem 2G] [--state 320M] [--features 32] [--train 6] [--steps 8] [--think 2500] \
-         [--mbit 7.2] [--rtt-ms 120] [--modes full,demand,vmtorrent,vtube] [--users 3] [--min-p P] [--interval S] [--lookout S] [--out DIR]"
+        "usage: stream-vm [--mem 2G] [--state 320M] [--features 32] [--train 10] [--steps 8] [--think 2500] \
+         [--mbit 7.2] [--rtt-ms 120] [--modes full,demand,vmtorrent,vtube] [--users 3] [--min-p P] [--interval S] [--lookout 2] [--out DIR]"
     );
     std::process::exit(2)
 }
@@ -62,7 +62,7 @@ fn parse() -> Args {
         mem: "2G".into(),
         state: "320M".into(),
         features: 32,
-        train: 6,
+        train: 10,
         steps: 8,
         think: 2500,
         mbit: 7.2,
@@ -71,7 +71,7 @@ fn parse() -> Args {
         users: 3,
         min_p: 0.0,
         interval: 2.0,
-        lookout: 60.0,
+        lookout: 2.0,
         out: PathBuf::from("target/stream-vm"),
     };
     let mut it = std::env::args().skip(1);
