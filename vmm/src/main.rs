@@ -154,13 +154,18 @@ struct StreamArgs {
     #[arg(long)]
     no_upload: bool,
     /// vTube: select a cluster for transfer only if its probability also exceeds this
-    /// (0 = the thesis' rule, equation 3.1, alone). Higher: fewer chunks fetched, more misses.
-    #[arg(long, value_name = "P", default_value_t = 0.0)]
+    /// (0 = the thesis' rule, equation 3.1, alone). Higher: fewer chunks fetched, more misses
+    /// (read-ahead keeps them cheap). The default is the best measured by `bench stream-vm`.
+    #[arg(long, value_name = "P", default_value_t = 0.6)]
     min_probability: f64,
     /// vTube's lookout window: clusters expected later than this after the current one are
-    /// left for later decisions.
-    #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+    /// left for later decisions (the thesis' rule alone: --lookout 60 --min-probability 0
+    /// --no-readahead).
+    #[arg(long, value_name = "SECONDS", default_value_t = 2.0)]
     lookout: f64,
+    /// vTube: no sequential read-ahead for misses outside the knowledge.
+    #[arg(long)]
+    no_readahead: bool,
     /// The user's session for an `app` testbed guest, e.g. app,seed=4,steps=10,think=200
     /// (the guest waits idle until it has one; also `vmm api session SPEC`).
     #[arg(long, value_name = "app,KEY=VALUE...")]
@@ -347,6 +352,7 @@ fn stream(args: StreamArgs) -> ExitCode {
         session,
         min_probability,
         lookout,
+        no_readahead,
     } = args;
     if !(lookout > 0.0 && lookout.is_finite()) {
         eprintln!("vmm: --lookout {lookout}: must be a positive number of seconds");
@@ -374,6 +380,7 @@ fn stream(args: StreamArgs) -> ExitCode {
         use_knowledge: mode != "demand",
         params: serde_json::json!({"url": url, "mode": mode, "session": session}),
         planner: appliance::planner::PlannerConfig { min_probability, lookout_us: (lookout * 1e6) as u64 },
+        readahead: !no_readahead,
         ..Default::default()
     };
     let streamed = match vmm::stream::start(url, name, &cache, serial_out(&serial), cfg) {

@@ -94,12 +94,14 @@ fn kv_appliance_streams_and_its_data_verifies() {
     eprintln!("cold: {j}\n{s}");
 
     // Warm cache: what the first session fetched is read from the cache;
-    // only chunks never seen before are fetched (the guest runs on into new keys).
+    // only chunks never seen before are fetched (the guest runs on into new
+    // keys): each a miss, or read ahead of one, neither of which the cache had.
     let (_, s2) = stream_once(&d, &url, &cache, 1);
     let n = |k: &str| s2["session"][k].as_u64().unwrap();
     assert!(n("cache_reads") > 0, "{s2}");
-    assert_eq!(s2["client"]["chunks_fetched"].as_u64().unwrap(), n("misses"), "{s2}");
-    assert_eq!(n("accesses"), n("cache_reads") + n("misses") + n("zero_reads"), "{s2}");
+    let fetched = s2["client"]["chunks_fetched"].as_u64().unwrap();
+    assert!(fetched >= n("misses") && fetched <= n("misses") + n("readahead_chunks"), "{s2}");
+    assert_eq!(n("accesses"), n("cache_reads") + n("misses") + n("zero_reads") + n("late_reads"), "{s2}");
     eprintln!("warm: {s2}");
     let _ = server.kill();
     let _ = server.wait();

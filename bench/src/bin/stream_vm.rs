@@ -20,7 +20,7 @@
 //! `--out`. Needs root (network namespaces).
 //!
 //! Usage: stream-vm [--mem 2G] [--state 320M] [--features 32] [--train 10] [--steps 8]
-//!        [--think 2500] [--mbit 7.2] [--rtt-ms 120] [--modes full,demand,vmtorrent,vtube] [--users 3] [--min-p P] [--interval S] [--lookout 2] [--out DIR]
+//!        [--think 2500] [--mbit 7.2] [--rtt-ms 120] [--modes full,demand,vmtorrent,vtube-thesis,vtube] [--users 3] [--min-p 0.6] [--interval S] [--lookout 2] [--out DIR]
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -52,7 +52,7 @@ struct Args {
 fn usage() -> ! {
     eprintln!(
         "usage: stream-vm [--mem 2G] [--state 320M] [--features 32] [--train 10] [--steps 8] [--think 2500] \
-         [--mbit 7.2] [--rtt-ms 120] [--modes full,demand,vmtorrent,vtube] [--users 3] [--min-p P] [--interval S] [--lookout 2] [--out DIR]"
+         [--mbit 7.2] [--rtt-ms 120] [--modes full,demand,vmtorrent,vtube-thesis,vtube] [--users 3] [--min-p 0.6] [--interval S] [--lookout 2] [--out DIR]"
     );
     std::process::exit(2)
 }
@@ -67,9 +67,9 @@ fn parse() -> Args {
         think: 2500,
         mbit: 7.2,
         rtt_ms: 120,
-        modes: ["full", "demand", "vmtorrent", "vtube"].map(String::from).to_vec(),
+        modes: ["full", "demand", "vmtorrent", "vtube-thesis", "vtube"].map(String::from).to_vec(),
         users: 3,
-        min_p: 0.0,
+        min_p: 0.6,
         interval: 2.0,
         lookout: 2.0,
         out: PathBuf::from("target/stream-vm"),
@@ -160,10 +160,10 @@ fn stream(
     mode: &str,
     session: &str,
     upload: bool,
-    (min_p, lookout): (f64, f64),
+    tuning: &[String],
 ) -> (f64, Value, Value) {
     c.args(["stream", url, "--name", "app", "--mode", mode, "--session", session, "--serial", "/dev/null"]);
-    c.args(["--min-probability", &min_p.to_string(), "--lookout", &lookout.to_string()]);
+    c.args(tuning);
     c.arg("--cache").arg(cache);
     if !upload {
         c.arg("--no-upload");
@@ -253,8 +253,7 @@ fn main() {
         let think = a.think * [1, 2, 1, 3][i as usize % 4] / 2;
         let flow = [70, 60, 80, 70][i as usize % 4];
         let session = format!("app,seed={},steps={steps},think={think},flow={flow}", 100 + i);
-        let (wall, g, s) =
-            stream(Command::new(&vmm), &url, &dir.join("train-cache"), "demand", &session, true, (0.0, 60.0));
+        let (wall, g, s) = stream(Command::new(&vmm), &url, &dir.join("train-cache"), "demand", &session, true, &[]);
         println!(
             "training session {i}: `{session}`: {} pages read, {} chunks accessed, {:.1} s",
             g["ops"], s["session"]["accesses"], wall
@@ -294,17 +293,23 @@ fn main() {
 
     let full_s = created["stored_bytes"].as_f64().unwrap_or(0.0) * 8.0 / (a.mbit * 1e6);
     let dst = || pair.command(Side::Dst, &vmm.to_string_lossy());
+    let tuned: Vec<String> =
+        vec!["--lookout".into(), a.lookout.to_string(), "--min-probability".into(), a.min_p.to_string()];
+    // The thesis' rule alone: equation 3.1 over a long lookout, no read-ahead.
+    let thesis: Vec<String> =
+        ["--lookout", "60", "--min-probability", "0", "--no-readahead"].map(String::from).to_vec();
     let run = |mode: &str, session: &str| {
         let cache = dir.join(format!("cache-{mode}"));
-        let (wall, g, s) = stream(dst(), &wan, &cache, mode, session, false, (a.min_p, a.lookout));
-        let _ = std::fs::remove_dir_all(&cache);
-        let label = match mode {
-            "full" => "full download",
-            "demand" => "demand only",
-            "vmtorrent" => "VMTorrent order",
-            "vtube" => "vTube",
+        let (label, stream_mode, tuning) = match mode {
+            "full" => ("full download", "full", &tuned),
+            "demand" => ("demand only", "demand", &tuned),
+            "vmtorrent" => ("VMTorrent order", "vmtorrent", &tuned),
+            "vtube-thesis" => ("vTube, thesis rule", "vtube", &thesis),
+            "vtube" => ("vTube", "vtube", &tuned),
             _ => usage(),
         };
+        let (wall, g, s) = stream(dst(), &wan, &cache, stream_mode, session, false, tuning);
+        let _ = std::fs::remove_dir_all(&cache);
         let mut m = metrics(label, wall, &g, &s);
         m["session"] = session.into();
         m
@@ -357,6 +362,7 @@ fn main() {
     println!("\n### Table 3.2: vTube for {} new users\n", users.len());
     header();
     let mut vtube: Vec<Value> = rows.iter().filter(|m| m["policy"] == "vTube").cloned().collect();
+    // (vTube with its measured tuning: --lookout, --min-probability, read-ahead.)
     for u in &users[vtube.len().min(1)..] {
         vtube.push(run("vtube", u));
     }
