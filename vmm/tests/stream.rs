@@ -195,9 +195,19 @@ fn kv_appliance_streams_over_the_thesis_wan() {
     let child = spawn_piped(c);
     let ops0 = wait_for_run_phase(&dsock);
     let launch = t0.elapsed();
+    // Random keys over a 120 ms round trip: a batch of 64 operations can
+    // need dozens of new pages (seconds); run at least 8 s, and until the
+    // guest has reported progress.
     std::thread::sleep(Duration::from_secs(8));
-    let st = api(&dsock, "status");
-    assert_eq!(st["workload"]["errors"], 0, "{st}");
+    let t1 = std::time::Instant::now();
+    let st = loop {
+        let st = api(&dsock, "status");
+        assert_eq!(st["workload"]["errors"], 0, "{st}");
+        if st["workload"]["ops"].as_u64().unwrap() > ops0 || t1.elapsed() > Duration::from_secs(120) {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
     assert!(st["workload"]["ops"].as_u64().unwrap() > ops0, "{st}");
     assert_eq!(api(&dsock, "shutdown")["ok"], true);
     let o = wait_output(child, T);
