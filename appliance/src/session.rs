@@ -142,10 +142,10 @@ pub struct Session {
     recorder: TraceRecorder,
     state: Mutex<State>,
     buffering: (Mutex<bool>, Condvar),
-    prefetch_tx: Mutex<Option<Sender<Vec<ChunkHash>>>>,
-    prefetcher: Mutex<Option<JoinHandle<()>>>,
-    readahead_tx: Mutex<Option<Sender<Vec<ChunkHash>>>>,
-    readaheader: Mutex<Option<JoinHandle<()>>>,
+    /// Streamed clusters and VMTorrent's order.
+    prefetcher: Fetcher,
+    /// Read-ahead has its own queue: it must not wait behind streamed clusters.
+    readahead: Fetcher,
     start: Instant,
 }
 
@@ -179,31 +179,8 @@ impl Session {
             log::warn!("knowledge of `{name}` has no VMTorrent profile (older analysis?): demand fetch only");
         }
         let n = knowledge.as_ref().map_or(0, |(_, k)| k.clusters.len());
-        let (tx, rx) = channel::<Vec<ChunkHash>>();
-        let c2 = client.clone();
-        let prefetcher = std::thread::Builder::new()
-            .name("stream-prefetch".into())
-            .spawn(move || {
-                while let Ok(hashes) = rx.recv() {
-                    if let Err(e) = c2.fetch(&hashes, Priority::Prefetch) {
-                        log::warn!("prefetch of {} chunks: {e}", hashes.len());
-                    }
-                }
-            })
-            .map_err(|e| Error::Io { path: "prefetch thread".into(), source: e })?;
-        // Read-ahead has its own queue: it must not wait behind streamed clusters.
-        let (ra_tx, ra_rx) = channel::<Vec<ChunkHash>>();
-        let c3 = client.clone();
-        let readaheader = std::thread::Builder::new()
-            .name("stream-readahead".into())
-            .spawn(move || {
-                while let Ok(hashes) = ra_rx.recv() {
-                    if let Err(e) = c3.fetch(&hashes, Priority::Prefetch) {
-                        log::warn!("read-ahead of {} chunks: {e}", hashes.len());
-                    }
-                }
-            })
-            .map_err(|e| Error::Io { path: "read-ahead thread".into(), source: e })?;
+        let prefetcher = Fetcher::spawn("prefetch", client.clone())?;
+        let readahead = Fetcher::spawn("read-ahead", client.clone())?;
         let s = Arc::new(Self {
             client,
             name: name.to_string(),
@@ -219,10 +196,8 @@ impl Session {
                 ra: Default::default(),
             }),
             buffering: (Mutex::new(false), Condvar::new()),
-            prefetch_tx: Mutex::new(Some(tx)),
-            prefetcher: Mutex::new(Some(prefetcher)),
-            readahead_tx: Mutex::new(Some(ra_tx)),
-            readaheader: Mutex::new(Some(readaheader)),
+            prefetcher,
+            readahead,
             start,
         });
         // Clusters the cache already holds count as delivered.
@@ -290,10 +265,8 @@ impl Session {
             .into_iter()
             .filter_map(hash)
             .collect();
-        if let Some(tx) = self.prefetch_tx.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            for part in order.chunks(1024) {
-                let _ = tx.send(part.to_vec());
-            }
+        for part in order.chunks(1024) {
+            self.prefetcher.send(part.to_vec());
         }
         self.buffer(&prefix)
     }
@@ -384,9 +357,7 @@ impl Session {
         };
         let stream: Vec<ChunkHash> = plan.stream.iter().flat_map(|&(c, _)| self.hashes_of(c)).collect();
         if !stream.is_empty() {
-            if let Some(tx) = self.prefetch_tx.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-                let _ = tx.send(stream);
-            }
+            self.prefetcher.send(stream);
         }
         if !plan.buffer.is_empty() {
             let buffer: Vec<ChunkHash> = plan.buffer.iter().flat_map(|&c| self.hashes_of(c)).collect();
@@ -504,11 +475,8 @@ impl Session {
         st.ra.next = Some(key_add(from, w));
         st.ra.trigger = Some(key_add(from, w / 2));
         st.stats.readahead_chunks += hashes.len() as u64;
-        if hashes.is_empty() {
-            return;
-        }
-        if let Some(tx) = self.readahead_tx.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            let _ = tx.send(hashes);
+        if !hashes.is_empty() {
+            self.readahead.send(hashes);
         }
     }
 
@@ -557,15 +525,9 @@ impl Session {
     /// Ends the session: stops prefetching and returns the trace; uploads it if `upload`.
     pub fn finish(&self, upload: bool) -> Result<Trace> {
         self.client.stop_prefetching();
-        self.prefetch_tx.lock().unwrap_or_else(|e| e.into_inner()).take();
-        self.readahead_tx.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(t) = self.prefetcher.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            // The prefetcher ends after its current batch.
-            let _ = t.join();
-        }
-        if let Some(t) = self.readaheader.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = t.join();
-        }
+        // Both end after their current batch.
+        self.prefetcher.close();
+        self.readahead.close();
         let trace = self.recorder.finish(TraceHeader {
             appliance: self.name.clone(),
             manifest: self.manifest_hash.to_hex(),
@@ -609,6 +571,44 @@ impl Session {
     /// Time since the session started.
     pub fn elapsed(&self) -> Duration {
         self.start.elapsed()
+    }
+}
+
+/// A background thread fetching queued lists of chunks into the cache on
+/// the prefetch connection (which yields to demand fetches).
+struct Fetcher {
+    tx: Mutex<Option<Sender<Vec<ChunkHash>>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Fetcher {
+    fn spawn(what: &'static str, client: Arc<Client>) -> Result<Self> {
+        let (tx, rx) = channel::<Vec<ChunkHash>>();
+        let thread = std::thread::Builder::new()
+            .name(format!("stream-{what}"))
+            .spawn(move || {
+                while let Ok(hashes) = rx.recv() {
+                    if let Err(e) = client.fetch(&hashes, Priority::Prefetch) {
+                        log::warn!("{what} of {} chunks: {e}", hashes.len());
+                    }
+                }
+            })
+            .map_err(|e| Error::Io { path: format!("{what} thread").into(), source: e })?;
+        Ok(Self { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) })
+    }
+
+    fn send(&self, hashes: Vec<ChunkHash>) {
+        if let Some(tx) = self.tx.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            let _ = tx.send(hashes);
+        }
+    }
+
+    /// Closes the queue and waits for the thread.
+    fn close(&self) {
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = t.join();
+        }
     }
 }
 

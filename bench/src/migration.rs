@@ -25,7 +25,8 @@ pub struct Scenario {
     pub after_s: f64,
 }
 
-fn api(vmm: &Path, sock: &Path, cmd: &str) -> Option<Value> {
+/// One `vmm api` request; `None` if the VMM did not answer with JSON.
+pub fn api(vmm: &Path, sock: &Path, cmd: &str) -> Option<Value> {
     let out = Command::new(vmm).args(["api", "--api-sock"]).arg(sock).arg(cmd).output().ok()?;
     serde_json::from_slice(&out.stdout).ok()
 }
@@ -34,13 +35,12 @@ fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-struct Kill(Option<Child>);
+/// A child process killed (and reaped) when this goes out of scope.
+pub struct Kill(pub Child);
 impl Drop for Kill {
     fn drop(&mut self) {
-        if let Some(c) = &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -67,14 +67,14 @@ pub fn run(vmm: &Path, sc: &Scenario, port: u16, workdir: &Path) -> Result<Value
         .args(["--serial", "/dev/null"])
         .stdout(log(&format!("dst-{port}.out")))
         .stderr(log(&format!("dst-{port}.err")));
-    let dst = Kill(Some(dst.spawn().map_err(|e| format!("starting the destination: {e}"))?));
+    let dst = Kill(dst.spawn().map_err(|e| format!("starting the destination: {e}"))?);
     let mut src = pair.command(Side::Src, &vmm.to_string_lossy());
     src.args(["run", "--testbed", &sc.spec, "--mem", &sc.mem, "--vcpus", &sc.vcpus.to_string(), "--api-sock"])
         .arg(&src_sock)
         .args(["--serial", "/dev/null"])
         .stdout(log(&format!("src-{port}.out")))
         .stderr(log(&format!("src-{port}.err")));
-    let _src = Kill(Some(src.spawn().map_err(|e| format!("starting the source: {e}"))?));
+    let _src = Kill(src.spawn().map_err(|e| format!("starting the source: {e}"))?);
 
     // Wait for the run phase, then let the load settle.
     let start = Instant::now();

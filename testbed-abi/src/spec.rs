@@ -208,6 +208,14 @@ fn parse_u64(s: &str) -> Option<u64> {
     Some(n)
 }
 
+/// Parses `PCT%` (1 to `max_pct`) or a size of at least `min_bytes`.
+fn parse_size_or_percent(s: &str, max_pct: u64, min_bytes: u64) -> Option<SizeOrPercent> {
+    match s.strip_suffix('%') {
+        Some(p) => parse_u64(p).filter(|p| (1..=max_pct).contains(p)).map(|p| SizeOrPercent::Percent(p as u32)),
+        None => parse_size(s).filter(|&b| b >= min_bytes).map(SizeOrPercent::Bytes),
+    }
+}
+
 /// Parses a decimal fraction like `0.99` into thousandths.
 fn parse_milli(s: &str) -> Option<u32> {
     let (int, frac) = match s.split_once('.') {
@@ -263,17 +271,8 @@ impl WorkloadSpec {
                 (_, "duration") => spec.duration_s = parse_u64(value).ok_or(bad("whole seconds"))?,
                 (_, "seed") => spec.seed = parse_u64(value).ok_or(bad("an integer"))?,
                 (Workload::Mem, "wss") => {
-                    spec.mem.wss = if let Some(p) = value.strip_suffix('%') {
-                        match parse_u64(p) {
-                            Some(p @ 1..=100) => SizeOrPercent::Percent(p as u32),
-                            _ => return Err(bad("a size like 256M or a percentage 1%..100%")),
-                        }
-                    } else {
-                        match parse_size(value) {
-                            Some(b) if b >= 4096 => SizeOrPercent::Bytes(b),
-                            _ => return Err(bad("a size like 256M or a percentage 1%..100%")),
-                        }
-                    }
+                    spec.mem.wss = parse_size_or_percent(value, 100, 4096)
+                        .ok_or(bad("a size like 256M or a percentage 1%..100%"))?
                 }
                 (Workload::Mem, "rate") => spec.mem.rate = parse_u64(value).ok_or(bad("pages per second"))?,
                 (Workload::Kv | Workload::Mem, "ops") => {
@@ -306,17 +305,8 @@ impl WorkloadSpec {
                     _ => return Err(bad("a Zipf skew in [0, 1), e.g. 0.99")),
                 },
                 (Workload::App, "state") => {
-                    spec.app.state = if let Some(p) = value.strip_suffix('%') {
-                        match parse_u64(p) {
-                            Some(p @ 1..=90) => SizeOrPercent::Percent(p as u32),
-                            _ => return Err(bad("a size like 320M or a percentage 1%..90%")),
-                        }
-                    } else {
-                        match parse_size(value) {
-                            Some(b) if b >= 1 << 20 => SizeOrPercent::Bytes(b),
-                            _ => return Err(bad("a size of at least 1M or a percentage 1%..90%")),
-                        }
-                    }
+                    spec.app.state = parse_size_or_percent(value, 90, 1 << 20)
+                        .ok_or(bad("a size of at least 1M or a percentage 1%..90%"))?
                 }
                 (Workload::App, "features") => match parse_u64(value) {
                     Some(n @ 1..=4096) => spec.app.features = n as u32,

@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{api, path_str, spawn_piped, vmm_bin, wait_for_run_phase, wait_output, TempDir};
+use common::{api, path_str, snapshot, spawn_piped, vmm_bin, wait_for_run_phase, wait_output, TempDir};
 
 const T: Duration = Duration::from_secs(120);
 const MEM: u64 = 256 << 20;
@@ -119,11 +119,7 @@ fn enlighten_after_restore() {
     let child = spawn_piped(c);
     wait_for_run_phase(&sock);
     assert_eq!(api(&sock, "enlighten")["ok"], true);
-    let o = Command::new(vmm_bin())
-        .args(["snapshot", "--api-sock", path_str(&sock), "-o", path_str(&snap)])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{o:?}");
+    snapshot(&sock, &snap);
     assert_eq!(api(&sock, "shutdown")["ok"], true);
     assert_eq!(wait_output(child, T).code, Some(0));
     let mut c = Command::new(vmm_bin());

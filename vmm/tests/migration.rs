@@ -7,7 +7,7 @@ use std::path::Path;
 
 use std::time::Duration;
 
-use common::{api, migrate_mode, path_str, spawn_in, wait_for_run_phase, wait_output, TempDir};
+use common::{api, migrate_mode, path_str, spawn_in, wait_for_run_phase, wait_output, TempDir, TwoHosts};
 use netsim::{NetnsPair, Side, DST_IP};
 
 const T: Duration = Duration::from_secs(180);
@@ -113,26 +113,10 @@ fn dead_destination_leaves_the_source_running() {
 /// or the destination's verification (page stamps, value checksums) fails.
 /// The guests run until shut down, so no workload timer races the rounds.
 fn precopy(spec: &str, port: u16) {
-    let pair = NetnsPair::create(Some(1_000_000_000)).unwrap();
-    let d = TempDir::new("mig-pre");
-    let key = d.path("key");
-    std::fs::write(&key, b"0123456789abcdef-test-migration-key").unwrap();
-    let sock = d.path("src.sock");
-    let dst_sock = d.path("dst.sock");
-    let to = format!("{DST_IP}:{port}");
-    let dst = spawn_in(
-        &pair,
-        Side::Dst,
-        &["receive", "--listen", &to, "--key-file", path_str(&key), "--api-sock", path_str(&dst_sock)],
-    );
-    let src = spawn_in(
-        &pair,
-        Side::Src,
-        &["run", "--testbed", spec, "--mem", "256M", "--vcpus", "2", "--api-sock", path_str(&sock)],
-    );
-    wait_for_run_phase(&sock);
+    let h = TwoHosts::new(1_000_000_000, "mig-pre", port);
+    let src = h.source(spec, "256M", "2");
     std::thread::sleep(Duration::from_millis(500));
-    let (ok, report, err) = migrate_mode(&sock, &to, &key, "precopy");
+    let (ok, report, err) = migrate_mode(&h.src_sock, &h.to, &h.key, "precopy");
     assert!(ok, "{report} {err}");
     assert_eq!(report["mode"], "precopy");
     assert!(!report["rounds"].as_array().unwrap().is_empty(), "{report}");
@@ -144,13 +128,13 @@ fn precopy(spec: &str, port: u16) {
     assert_eq!(so.json()["exit"], "migrated", "{so}");
     let migrated_at = so.json()["ops"].as_u64().unwrap();
     // The destination runs on, without errors, from where the source stopped.
-    let ops = wait_for_run_phase(&dst_sock);
+    let ops = wait_for_run_phase(&h.dst_sock);
     std::thread::sleep(Duration::from_millis(1500));
-    let st = api(&dst_sock, "status");
+    let st = api(&h.dst_sock, "status");
     assert_eq!(st["workload"]["errors"], 0, "{st}");
     assert!(st["workload"]["ops"].as_u64().unwrap() > ops.max(migrated_at), "{st}");
-    assert_eq!(api(&dst_sock, "shutdown")["ok"], true);
-    let d_out = wait_output(dst, T);
+    assert_eq!(api(&h.dst_sock, "shutdown")["ok"], true);
+    let d_out = wait_output(h.dst, T);
     assert_eq!(d_out.code, Some(0), "{d_out}");
     assert_eq!(d_out.json()["errors"], 0, "pages were lost or stale after pre-copy\n{report}\n{d_out}");
     eprintln!("pre-copy report: {report}");
@@ -170,40 +154,29 @@ fn precopy_of_a_kv_guest() {
 /// on the source, unchanged; a cancel with no migration is refused clearly.
 #[test]
 fn precopy_cancelled_by_the_operator() {
-    let pair = NetnsPair::create(Some(100_000_000)).unwrap();
-    let d = TempDir::new("mig-cancel");
-    let key = d.path("key");
-    std::fs::write(&key, b"0123456789abcdef-test-migration-key").unwrap();
-    let sock = d.path("src.sock");
-    let to = format!("{DST_IP}:7005");
-    let dst = spawn_in(&pair, Side::Dst, &["receive", "--listen", &to, "--key-file", path_str(&key)]);
-    let src = spawn_in(
-        &pair,
-        Side::Src,
-        &["run", "--testbed", "kv,share=20", "--mem", "512M", "--api-sock", path_str(&sock)],
-    );
-    wait_for_run_phase(&sock);
-    let c = api(&sock, "migrate-cancel");
+    let h = TwoHosts::new(100_000_000, "mig-cancel", 7005);
+    let src = h.source("kv,share=20", "512M", "1");
+    let sock = &h.src_sock;
+    let c = api(sock, "migrate-cancel");
     assert_eq!(c["ok"], false, "{c}");
     assert!(c["error"].as_str().unwrap().contains("no migration"), "{c}");
     // 100 MiB of store at 100 Mbit/s: the first round alone takes ~8 s.
     let mig = {
-        let (s, t, k) = (sock.clone(), to.clone(), key.clone());
+        let (s, t, k) = (sock.clone(), h.to.clone(), h.key.clone());
         std::thread::spawn(move || migrate_mode(&s, &t, &k, "precopy"))
     };
     std::thread::sleep(Duration::from_millis(1500));
-    let st = api(&sock, "status");
+    let st = api(sock, "status");
     assert!(st["migration"]["phase"].as_str().unwrap_or("").starts_with("pre-copy"), "{st}");
-    assert_eq!(api(&sock, "migrate-cancel")["ok"], true);
+    assert_eq!(api(sock, "migrate-cancel")["ok"], true);
     let (ok, v, _) = mig.join().unwrap();
     assert!(!ok, "{v}");
     assert!(v["error"].as_str().unwrap().contains("cancelled by the operator"), "{v}");
-    let st = api(&sock, "status");
+    let st = api(sock, "status");
     assert_eq!(st["state"], "running", "{st}");
     assert!(st.get("migration").is_none(), "{st}");
-    assert_eq!(api(&sock, "shutdown")["ok"], true);
+    assert_eq!(api(sock, "shutdown")["ok"], true);
     let o = wait_output(src, T);
     assert_eq!(o.code, Some(0), "{o}");
     assert_eq!(o.json()["errors"], 0, "{o}");
-    drop(dst);
 }

@@ -6,8 +6,8 @@ mod common;
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use common::{api, migrate_mode, path_str, spawn_in, spawn_piped, vmm_bin, wait_for_run_phase, wait_output, TempDir};
-use netsim::{NetnsPair, Side, DST_IP};
+use common::{api, migrate_mode, path_str, spawn_piped, vmm_bin, wait_for_run_phase, wait_output, TempDir, TwoHosts};
+use netsim::{Side, DST_IP};
 
 const T: Duration = Duration::from_secs(300);
 
@@ -15,26 +15,10 @@ const T: Duration = Duration::from_secs(300);
 /// digests, and that the guest verifies its data and runs on at the
 /// destination. Returns the report.
 fn migrate_guest(mode: &str, spec: &str, mem: &str, vcpus: &str, rate: u64, port: u16) -> serde_json::Value {
-    let pair = NetnsPair::create(Some(rate)).unwrap();
-    let d = TempDir::new("mig-post");
-    let key = d.path("key");
-    std::fs::write(&key, b"0123456789abcdef-test-migration-key").unwrap();
-    let sock = d.path("src.sock");
-    let dst_sock = d.path("dst.sock");
-    let to = format!("{DST_IP}:{port}");
-    let dst = spawn_in(
-        &pair,
-        Side::Dst,
-        &["receive", "--listen", &to, "--key-file", path_str(&key), "--api-sock", path_str(&dst_sock)],
-    );
-    let src = spawn_in(
-        &pair,
-        Side::Src,
-        &["run", "--testbed", spec, "--mem", mem, "--vcpus", vcpus, "--api-sock", path_str(&sock)],
-    );
-    wait_for_run_phase(&sock);
+    let h = TwoHosts::new(rate, "mig-post", port);
+    let src = h.source(spec, mem, vcpus);
     std::thread::sleep(Duration::from_millis(500));
-    let (ok, report, err) = migrate_mode(&sock, &to, &key, mode);
+    let (ok, report, err) = migrate_mode(&h.src_sock, &h.to, &h.key, mode);
     assert!(ok, "{report} {err}");
     assert_eq!(report["mode"], mode);
     assert_eq!(report["integrity"]["match"], true, "{report}");
@@ -44,13 +28,13 @@ fn migrate_guest(mode: &str, spec: &str, mem: &str, vcpus: &str, rate: u64, port
     assert_eq!(so.json()["exit"], "migrated", "{so}");
     let migrated_at = so.json()["ops"].as_u64().unwrap();
     // The destination runs on, without errors, from where the source stopped.
-    let ops = wait_for_run_phase(&dst_sock);
+    let ops = wait_for_run_phase(&h.dst_sock);
     std::thread::sleep(Duration::from_millis(1000));
-    let st = api(&dst_sock, "status");
+    let st = api(&h.dst_sock, "status");
     assert_eq!(st["workload"]["errors"], 0, "{st}");
     assert!(st["workload"]["ops"].as_u64().unwrap() > ops.max(migrated_at), "{st}");
-    assert_eq!(api(&dst_sock, "shutdown")["ok"], true);
-    let d_out = wait_output(dst, T);
+    assert_eq!(api(&h.dst_sock, "shutdown")["ok"], true);
+    let d_out = wait_output(h.dst, T);
     assert_eq!(d_out.code, Some(0), "{d_out}");
     assert_eq!(d_out.json()["errors"], 0, "pages were lost or stale after post-copy\n{report}\n{d_out}");
     eprintln!("{mode} report: {report}");
@@ -131,11 +115,11 @@ fn enlightened_small() {
 fn link_break_after_switchover_completes_when_the_link_returns() {
     let mut m = Switched::start("enlightened", 7121, "mig-break");
     std::thread::sleep(Duration::from_millis(200));
-    m.pair.set_link(false).unwrap();
+    m.hosts.pair.set_link(false).unwrap();
     std::thread::sleep(Duration::from_secs(2));
     // Still migrating: the source has not finished.
     assert!(m.mig.try_wait().unwrap().is_none(), "the migration ended while the link was down");
-    m.pair.set_link(true).unwrap();
+    m.hosts.pair.set_link(true).unwrap();
     let report = m.finish();
     assert!(report["total_duration_ms"].as_f64().unwrap() > 2000.0, "{report}");
     eprintln!("link break: total {} ms, faults {}", report["total_duration_ms"], report["fault_latency_ms"]);
@@ -145,51 +129,31 @@ fn link_break_after_switchover_completes_when_the_link_returns() {
 /// (`migrate` as a child process), from the moment the VM runs at the
 /// destination.
 struct Switched {
-    pair: NetnsPair,
-    _dir: TempDir,
+    hosts: TwoHosts,
     src: Child,
-    dst: Child,
     mig: Child,
     report_path: std::path::PathBuf,
-    dst_sock: std::path::PathBuf,
 }
 
 impl Switched {
     fn start(mode: &str, port: u16, tag: &str) -> Self {
-        let pair = NetnsPair::create(Some(1_000_000_000)).unwrap();
-        let d = TempDir::new(tag);
-        let key = d.path("key");
-        std::fs::write(&key, b"0123456789abcdef-test-migration-key").unwrap();
-        let sock = d.path("src.sock");
-        let dst_sock = d.path("dst.sock");
-        let to = format!("{DST_IP}:{port}");
-        let dst = spawn_in(
-            &pair,
-            Side::Dst,
-            &["receive", "--listen", &to, "--key-file", path_str(&key), "--api-sock", path_str(&dst_sock)],
-        );
-        let spec = "kv,share=20,value=1024,stale=40";
-        let src = spawn_in(
-            &pair,
-            Side::Src,
-            &["run", "--testbed", spec, "--mem", "1G", "--vcpus", "2", "--api-sock", path_str(&sock)],
-        );
-        wait_for_run_phase(&sock);
-        let report_path = d.path("report.json");
+        let hosts = TwoHosts::new(1_000_000_000, tag, port);
+        let src = hosts.source("kv,share=20,value=1024,stale=40", "1G", "2");
+        let report_path = hosts.dir.path("report.json");
         let mig = Command::new(vmm_bin())
-            .args(["migrate", "--api-sock", path_str(&sock), "--to", &to, "--mode", mode])
-            .args(["--key-file", path_str(&key), "--report", path_str(&report_path)])
+            .args(["migrate", "--api-sock", path_str(&hosts.src_sock), "--to", &hosts.to, "--mode", mode])
+            .args(["--key-file", path_str(&hosts.key), "--report", path_str(&report_path)])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
         // The destination serves its API once the VM runs there.
         let start = std::time::Instant::now();
-        while !dst_sock.exists() {
+        while !hosts.dst_sock.exists() {
             assert!(start.elapsed() < Duration::from_secs(60), "the switch-over never happened");
             std::thread::sleep(Duration::from_millis(5));
         }
-        Self { pair, _dir: d, src, dst, mig, report_path, dst_sock }
+        Self { hosts, src, mig, report_path }
     }
 
     /// Waits for the migration; checks its success and integrity, the
@@ -202,10 +166,10 @@ impl Switched {
         let so = wait_output(self.src, T);
         assert_eq!(so.json()["exit"], "migrated", "{so}");
         std::thread::sleep(Duration::from_millis(500));
-        let st = api(&self.dst_sock, "status");
+        let st = api(&self.hosts.dst_sock, "status");
         assert_eq!(st["workload"]["errors"], 0, "{st}");
-        assert_eq!(api(&self.dst_sock, "shutdown")["ok"], true);
-        let d_out = wait_output(self.dst, T);
+        assert_eq!(api(&self.hosts.dst_sock, "shutdown")["ok"], true);
+        let d_out = wait_output(self.hosts.dst, T);
         assert_eq!(d_out.code, Some(0), "{d_out}");
         assert_eq!(d_out.json()["errors"], 0, "{d_out}");
         report
@@ -289,7 +253,7 @@ fn connections_reset_after_switchover_are_reestablished() {
     // Twice: destroy every connection between the two hosts.
     for _ in 0..2 {
         std::thread::sleep(Duration::from_millis(700));
-        let st = m.pair.command(Side::Src, "ss").args(["-K", "dst", &DST_IP.to_string()]).status().unwrap();
+        let st = m.hosts.pair.command(Side::Src, "ss").args(["-K", "dst", &DST_IP.to_string()]).status().unwrap();
         assert!(st.success());
     }
     let report = m.finish();

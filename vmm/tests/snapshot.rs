@@ -7,7 +7,7 @@ mod common;
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use common::{api, path_str, spawn_piped, vmm, vmm_bin, wait_for_run_phase, wait_output, TempDir};
+use common::{api, path_str, snapshot, spawn_piped, vmm, vmm_bin, wait_for_run_phase, wait_output, TempDir};
 
 const T: Duration = Duration::from_secs(120);
 
@@ -29,12 +29,7 @@ fn snapshot_of(d: &TempDir, spec: &str, extra: &[&str]) -> (std::path::PathBuf, 
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(api(&sock, "pause")["ok"], true);
     let ops_at_snapshot = api(&sock, "status")["workload"]["ops"].as_u64().unwrap();
-    let out = Command::new(vmm_bin())
-        .args(["snapshot", "--api-sock", path_str(&sock), "-o", path_str(&snap)])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reply = snapshot(&sock, &snap);
     assert!(reply["pages_stored"].as_u64().unwrap() > 0, "{reply}");
     assert_eq!(api(&sock, "shutdown")["ok"], true);
     let o = wait_output(child, T);

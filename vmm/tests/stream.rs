@@ -6,46 +6,100 @@
 
 mod common;
 
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
 use std::time::Duration;
 
-use common::{api, path_str, spawn_piped, vmm, vmm_bin, wait_for_run_phase, wait_output, TempDir};
+use common::{api, path_str, snapshot, spawn_piped, vmm, vmm_bin, wait_for_run_phase, wait_output, TempDir};
 
 const T: Duration = Duration::from_secs(300);
 
-fn snapshot(d: &TempDir, spec: &str, extra: &[&str]) -> std::path::PathBuf {
+/// Boots `vmm run ARGS`, waits for the guest's `phase` (`run`: and half a
+/// second of work), snapshots it and shuts it down; returns the snapshot.
+fn snapshot_vm(d: &TempDir, run_args: &[&str], phase: &str) -> PathBuf {
     let sock = d.path("api.sock");
     let snap = d.path("vm.snap");
     let mut c = Command::new(vmm_bin());
-    c.args(["run", "--testbed", spec, "--mem", "256M", "--api-sock", path_str(&sock)]);
-    c.args(extra);
+    c.arg("run").args(run_args).args(["--serial", "/dev/null", "--api-sock", path_str(&sock)]);
     let child = spawn_piped(c);
-    wait_for_run_phase(&sock);
-    std::thread::sleep(Duration::from_millis(500));
-    let out = Command::new(vmm_bin())
-        .args(["snapshot", "--api-sock", path_str(&sock), "-o", path_str(&snap)])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    if phase == "run" {
+        wait_for_run_phase(&sock);
+        std::thread::sleep(Duration::from_millis(500));
+    } else {
+        wait_phase(&sock, phase);
+    }
+    snapshot(&sock, &snap);
     assert_eq!(api(&sock, "shutdown")["ok"], true);
     assert_eq!(wait_output(child, T).code, Some(0));
     snap
 }
 
+/// Makes appliance `name` of `snap` in `store`; returns `vmm appliance create`'s report.
+fn create_appliance(snap: &Path, store: &Path, name: &str) -> serde_json::Value {
+    let o = vmm(&["appliance", "create", "--snapshot", path_str(snap), "--store", path_str(store), "--name", name], T);
+    assert_eq!(o.code, Some(0), "{o}");
+    serde_json::from_str(&o.stdout).unwrap_or_else(|e| panic!("appliance create report: {e}: {o}"))
+}
+
+/// The thesis' WAN: 7.2 Mbit/s between two namespaces (tbf), `vmm appliance
+/// serve` in the source one, a relay adding 60 ms each way in the other;
+/// clients run in the destination one and reach the server at `url`.
+struct Wan {
+    pair: netsim::NetnsPair,
+    server: Child,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    relay: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    url: String,
+}
+
+impl Wan {
+    fn serve(store: &Path, port: u16) -> Self {
+        use netsim::{relay::Relay, NetnsPair, Side, SRC_IP};
+        let pair = NetnsPair::create(Some(7_200_000)).unwrap();
+        let mut server = pair.command(Side::Src, vmm_bin());
+        server.args(["appliance", "serve", "--store", path_str(store), "--listen", &format!("{SRC_IP}:{port}")]);
+        let server = spawn_piped(server);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (atx, arx) = std::sync::mpsc::channel();
+        let relay = pair
+            .spawn_in(Side::Dst, move || {
+                let upstream = std::net::SocketAddr::from((SRC_IP, port));
+                let r = Relay::bind("127.0.0.1:0", upstream, Duration::from_millis(60)).unwrap();
+                atx.send(r.addr()).unwrap();
+                let _ = rx.recv();
+                drop(r);
+            })
+            .unwrap();
+        let url = format!("http://{}", arx.recv().unwrap());
+        std::thread::sleep(Duration::from_millis(300));
+        Self { pair, server, stop: Some(tx), relay: Some(relay), url }
+    }
+
+    /// A `vmm` command in the client's namespace.
+    fn client(&self) -> Command {
+        self.pair.command(netsim::Side::Dst, vmm_bin())
+    }
+}
+
+impl Drop for Wan {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(r) = self.relay.take() {
+            let _ = r.join();
+        }
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
 /// Streams `kv1` for `secs` seconds of guest run time, checks the guest's
 /// own verification, shuts it down; returns its final stats and the
 /// session summary.
-fn stream_once(d: &TempDir, url: &str, cache: &std::path::Path, secs: u64) -> (serde_json::Value, serde_json::Value) {
+fn stream_once(d: &TempDir, url: &str, cache: &Path, secs: u64) -> (serde_json::Value, serde_json::Value) {
     stream_named(d, "kv1", url, cache, secs)
 }
 
-fn stream_named(
-    d: &TempDir,
-    name: &str,
-    url: &str,
-    cache: &std::path::Path,
-    secs: u64,
-) -> (serde_json::Value, serde_json::Value) {
+fn stream_named(d: &TempDir, name: &str, url: &str, cache: &Path, secs: u64) -> (serde_json::Value, serde_json::Value) {
     let sock = d.path("stream.sock");
     let _ = std::fs::remove_file(&sock);
     let mut c = Command::new(vmm_bin());
@@ -70,19 +124,10 @@ fn stream_named(
 #[test]
 fn kv_appliance_streams_and_its_data_verifies() {
     let d = TempDir::new("stream-kv");
-    let snap = snapshot(&d, "kv,share=20,value=256", &["--vcpus", "2"]);
+    let snap = snapshot_vm(&d, &["--testbed", "kv,share=20,value=256", "--mem", "256M", "--vcpus", "2"], "run");
     let store = d.path("store");
-    let o =
-        vmm(&["appliance", "create", "--snapshot", path_str(&snap), "--store", path_str(&store), "--name", "kv1"], T);
-    assert_eq!(o.code, Some(0), "{o}");
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    drop(l);
-    let mut c = Command::new(vmm_bin());
-    c.args(["appliance", "serve", "--store", path_str(&store), "--listen", &addr.to_string()]);
-    let mut server = spawn_piped(c);
-    std::thread::sleep(Duration::from_millis(300));
-    let url = format!("http://{addr}");
+    create_appliance(&snap, &store, "kv1");
+    let (mut server, url) = serve(&store, None);
     let cache = d.path("cache");
 
     let (j, s) = stream_once(&d, &url, &cache, 3);
@@ -116,19 +161,11 @@ fn disk_appliance_streams_through_the_block_device() {
     let d = TempDir::new("stream-disk");
     let disk = d.path("disk.img");
     std::fs::write(&disk, vec![0u8; 8 << 20]).unwrap();
-    let snap = snapshot(&d, "disk,size=4M", &["--disk", path_str(&disk)]);
+    let snap = snapshot_vm(&d, &["--testbed", "disk,size=4M", "--mem", "256M", "--disk", path_str(&disk)], "run");
     let store = d.path("store");
-    let o =
-        vmm(&["appliance", "create", "--snapshot", path_str(&snap), "--store", path_str(&store), "--name", "disk1"], T);
-    assert_eq!(o.code, Some(0), "{o}");
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    drop(l);
-    let mut c = Command::new(vmm_bin());
-    c.args(["appliance", "serve", "--store", path_str(&store), "--listen", &addr.to_string()]);
-    let mut server = spawn_piped(c);
-    std::thread::sleep(Duration::from_millis(300));
-    let (j, s) = stream_named(&d, "disk1", &format!("http://{addr}"), &d.path("cache"), 2);
+    create_appliance(&snap, &store, "disk1");
+    let (mut server, url) = serve(&store, None);
+    let (j, s) = stream_named(&d, "disk1", &url, &d.path("cache"), 2);
     assert_eq!(j["device_errors"], 0, "{j}");
     assert!(j["ops"].as_u64().unwrap() > 0, "{j}");
     assert!(s["client"]["chunks_fetched"].as_u64().unwrap() > 0, "{s}");
@@ -144,52 +181,15 @@ fn disk_appliance_streams_through_the_block_device() {
 /// every value it reads.
 #[test]
 fn kv_appliance_streams_over_the_thesis_wan() {
-    use netsim::{relay::Relay, NetnsPair, Side, SRC_IP};
     let d = TempDir::new("stream-wan");
-    let sock = d.path("api.sock");
-    let snap = d.path("vm.snap");
-    {
-        let mut c = Command::new(vmm_bin());
-        c.args(["run", "--testbed", "kv,share=3,value=512", "--mem", "1G", "--api-sock", path_str(&sock)]);
-        let child = spawn_piped(c);
-        wait_for_run_phase(&sock);
-        std::thread::sleep(Duration::from_millis(300));
-        let out = Command::new(vmm_bin())
-            .args(["snapshot", "--api-sock", path_str(&sock), "-o", path_str(&snap)])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        assert_eq!(api(&sock, "shutdown")["ok"], true);
-        assert_eq!(wait_output(child, T).code, Some(0));
-    }
+    let snap = snapshot_vm(&d, &["--testbed", "kv,share=3,value=512", "--mem", "1G"], "run");
     let store = d.path("store");
-    let o =
-        vmm(&["appliance", "create", "--snapshot", path_str(&snap), "--store", path_str(&store), "--name", "wan"], T);
-    assert_eq!(o.code, Some(0), "{o}");
-    let created: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
-    let pair = NetnsPair::create(Some(7_200_000)).unwrap();
-    let port = 7131;
-    let mut server = pair.command(Side::Src, vmm_bin());
-    server.args(["appliance", "serve", "--store", path_str(&store), "--listen", &format!("{SRC_IP}:{port}")]);
-    let mut server = spawn_piped(server);
-    // The relay, in the client's namespace: 60 ms each way.
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let (atx, arx) = std::sync::mpsc::channel();
-    let relay = pair
-        .spawn_in(Side::Dst, move || {
-            let r = Relay::bind("127.0.0.1:0", std::net::SocketAddr::from((SRC_IP, port)), Duration::from_millis(60))
-                .unwrap();
-            atx.send(r.addr()).unwrap();
-            let _ = rx.recv();
-            drop(r);
-        })
-        .unwrap();
-    let relay_addr = arx.recv().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let created = create_appliance(&snap, &store, "wan");
+    let wan = Wan::serve(&store, 7131);
 
     let dsock = d.path("stream.sock");
-    let mut c = pair.command(Side::Dst, vmm_bin());
-    c.args(["stream", &format!("http://{relay_addr}"), "--name", "wan", "--cache", path_str(&d.path("cache"))]);
+    let mut c = wan.client();
+    c.args(["stream", &wan.url, "--name", "wan", "--cache", path_str(&d.path("cache"))]);
     c.args(["--serial", "/dev/null", "--api-sock", path_str(&dsock)]);
     let t0 = std::time::Instant::now();
     let child = spawn_piped(c);
@@ -224,14 +224,10 @@ fn kv_appliance_streams_over_the_thesis_wan() {
         full_bytes / 1e6
     );
     assert!(launch.as_secs_f64() < full_s / 2.0, "launch {launch:?} vs full download {full_s:.1} s");
-    let _ = tx.send(());
-    let _ = relay.join();
-    let _ = server.kill();
-    let _ = server.wait();
 }
 
 /// Waits until the testbed guest behind `sock` reports `phase`.
-fn wait_phase(sock: &std::path::Path, phase: &str) {
+fn wait_phase(sock: &Path, phase: &str) {
     let t0 = std::time::Instant::now();
     loop {
         let out = Command::new(vmm_bin()).args(["api", "--api-sock", path_str(sock), "status"]).output().unwrap();
@@ -246,7 +242,7 @@ fn wait_phase(sock: &std::path::Path, phase: &str) {
 /// An `app` appliance (a guest with a large prefilled state, snapshotted
 /// idle before its user's session) in `store`, served from a fresh local
 /// server; returns the server and its URL.
-fn app_appliance(d: &TempDir, store: &std::path::Path, port: Option<u16>) -> (std::process::Child, String) {
+fn app_appliance(d: &TempDir, store: &Path, port: Option<u16>) -> (Child, String) {
     let created = make_app_appliance(d, store, "app,state=48M,features=16", "512M");
     assert!(created["data_chunks"].as_u64().unwrap() > 12_000, "{created}");
     serve(store, port)
@@ -254,29 +250,14 @@ fn app_appliance(d: &TempDir, store: &std::path::Path, port: Option<u16>) -> (st
 
 /// Boots an `app` guest, snapshots it idle, makes appliance `app` of it;
 /// returns `vmm appliance create`'s report.
-fn make_app_appliance(d: &TempDir, store: &std::path::Path, spec: &str, mem: &str) -> serde_json::Value {
-    let sock = d.path("app.sock");
-    let snap = d.path("app.snap");
-    let mut c = Command::new(vmm_bin());
-    c.args(["run", "--testbed", spec, "--mem", mem, "--serial", "/dev/null"]);
-    c.args(["--api-sock", path_str(&sock)]);
-    let child = spawn_piped(c);
-    wait_phase(&sock, "idle");
-    let out = Command::new(vmm_bin())
-        .args(["snapshot", "--api-sock", path_str(&sock), "-o", path_str(&snap)])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    assert_eq!(api(&sock, "shutdown")["ok"], true);
-    assert_eq!(wait_output(child, T).code, Some(0));
-    let o =
-        vmm(&["appliance", "create", "--snapshot", path_str(&snap), "--store", path_str(store), "--name", "app"], T);
-    assert_eq!(o.code, Some(0), "{o}");
+fn make_app_appliance(d: &TempDir, store: &Path, spec: &str, mem: &str) -> serde_json::Value {
+    let snap = snapshot_vm(d, &["--testbed", spec, "--mem", mem], "idle");
+    let created = create_appliance(&snap, store, "app");
     let _ = std::fs::remove_file(&snap);
-    serde_json::from_str(&o.stdout).unwrap_or_else(|e| panic!("appliance create report: {e}: {o}"))
+    created
 }
 
-fn serve(store: &std::path::Path, port: Option<u16>) -> (std::process::Child, String) {
+fn serve(store: &Path, port: Option<u16>) -> (Child, String) {
     let addr = match port {
         Some(p) => std::net::SocketAddr::from(([127, 0, 0, 1], p)),
         None => std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap(),
@@ -289,12 +270,7 @@ fn serve(store: &std::path::Path, port: Option<u16>) -> (std::process::Child, St
 }
 
 /// One whole `app` session streamed to its end: the guest's final JSON and the stream summary.
-fn app_session(
-    url: &str,
-    cache: &std::path::Path,
-    mode: &str,
-    session: &str,
-) -> (serde_json::Value, serde_json::Value) {
+fn app_session(url: &str, cache: &Path, mode: &str, session: &str) -> (serde_json::Value, serde_json::Value) {
     let mut c = Command::new(vmm_bin());
     c.args(["stream", url, "--name", "app", "--cache", path_str(cache), "--mode", mode, "--session", session]);
     c.args(["--serial", "/dev/null"]);
@@ -396,30 +372,12 @@ fn a_server_that_goes_away_mid_session_is_waited_for() {
 /// the trained policies.
 #[test]
 fn app_appliance_completes_its_session_over_the_thesis_wan() {
-    use netsim::{relay::Relay, NetnsPair, Side, SRC_IP};
     let d = TempDir::new("stream-app-wan");
     let store = d.path("store");
     let created = make_app_appliance(&d, &store, "app,state=320M,features=32", "2G");
-    let pair = NetnsPair::create(Some(7_200_000)).unwrap();
-    let port = 7132;
-    let mut server = pair.command(Side::Src, vmm_bin());
-    server.args(["appliance", "serve", "--store", path_str(&store), "--listen", &format!("{SRC_IP}:{port}")]);
-    let mut server = spawn_piped(server);
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let (atx, arx) = std::sync::mpsc::channel();
-    let relay = pair
-        .spawn_in(Side::Dst, move || {
-            let r = Relay::bind("127.0.0.1:0", std::net::SocketAddr::from((SRC_IP, port)), Duration::from_millis(60))
-                .unwrap();
-            atx.send(r.addr()).unwrap();
-            let _ = rx.recv();
-            drop(r);
-        })
-        .unwrap();
-    let relay_addr = arx.recv().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let mut c = pair.command(Side::Dst, vmm_bin());
-    c.args(["stream", &format!("http://{relay_addr}"), "--name", "app", "--cache", path_str(&d.path("cache"))]);
+    let wan = Wan::serve(&store, 7132);
+    let mut c = wan.client();
+    c.args(["stream", &wan.url, "--name", "app", "--cache", path_str(&d.path("cache"))]);
     c.args(["--session", "app,seed=7,steps=8,think=100", "--serial", "/dev/null", "--no-upload"]);
     let t0 = std::time::Instant::now();
     let o = wait_output(spawn_piped(c), T);
@@ -438,8 +396,4 @@ fn app_appliance_completes_its_session_over_the_thesis_wan() {
         created["stored_bytes"].as_f64().unwrap() / 1e6
     );
     assert!(launch < full_s / 10.0, "launch {launch:.1} s vs full download {full_s:.0} s");
-    let _ = tx.send(());
-    let _ = relay.join();
-    let _ = server.kill();
-    let _ = server.wait();
 }

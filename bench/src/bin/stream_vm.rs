@@ -24,10 +24,10 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bench::migration::sibling_vmm;
+use bench::migration::{api, sibling_vmm, Kill};
 use netsim::relay::Relay;
 use netsim::{NetnsPair, Side, SRC_IP};
 use serde_json::{json, Value};
@@ -96,19 +96,6 @@ fn parse() -> Args {
         }
     }
     a
-}
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn api(vmm: &Path, sock: &Path, cmd: &str) -> Option<Value> {
-    let out = Command::new(vmm).args(["api", "--api-sock"]).arg(sock).arg(cmd).output().ok()?;
-    serde_json::from_slice(&out.stdout).ok()
 }
 
 fn free_port() -> u16 {

@@ -106,6 +106,17 @@ pub fn api(sock: &Path, cmd: &str) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("api {cmd}: {e}: {out:?}"))
 }
 
+/// `vmm snapshot` of the VM behind `sock` to `path`; asserts success and
+/// returns the reply.
+pub fn snapshot(sock: &Path, path: &Path) -> serde_json::Value {
+    let out = Command::new(vmm_bin())
+        .args(["snapshot", "--api-sock", path_str(sock), "-o", path_str(path)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
 /// Waits for the API socket, then for the testbed's run phase; returns ops.
 pub fn wait_for_run_phase(sock: &Path) -> u64 {
     let start = Instant::now();
@@ -150,4 +161,46 @@ pub fn migrate_mode(sock: &Path, to: &str, key: &Path, mode: &str) -> (bool, ser
         .unwrap();
     let v = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
     (out.status.success(), v, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Two hosts for a migration test: network namespaces joined at `rate`
+/// bit/s, a shared key, and the destination (`vmm receive` on
+/// `DST_IP:port`, its API on `dst_sock` once a VM runs there).
+pub struct TwoHosts {
+    pub pair: netsim::NetnsPair,
+    pub dir: TempDir,
+    pub key: PathBuf,
+    pub src_sock: PathBuf,
+    pub dst_sock: PathBuf,
+    pub to: String,
+    pub dst: Child,
+}
+
+impl TwoHosts {
+    pub fn new(rate: u64, tag: &str, port: u16) -> Self {
+        let pair = netsim::NetnsPair::create(Some(rate)).unwrap();
+        let dir = TempDir::new(tag);
+        let key = dir.path("key");
+        std::fs::write(&key, b"0123456789abcdef-test-migration-key").unwrap();
+        let (src_sock, dst_sock) = (dir.path("src.sock"), dir.path("dst.sock"));
+        let to = format!("{}:{port}", netsim::DST_IP);
+        let dst = spawn_in(
+            &pair,
+            netsim::Side::Dst,
+            &["receive", "--listen", &to, "--key-file", path_str(&key), "--api-sock", path_str(&dst_sock)],
+        );
+        Self { pair, dir, key, src_sock, dst_sock, to, dst }
+    }
+
+    /// The source VM (`vmm run --testbed spec`) in the source namespace,
+    /// once it is in its run phase.
+    pub fn source(&self, spec: &str, mem: &str, vcpus: &str) -> Child {
+        let src = spawn_in(
+            &self.pair,
+            netsim::Side::Src,
+            &["run", "--testbed", spec, "--mem", mem, "--vcpus", vcpus, "--api-sock", path_str(&self.src_sock)],
+        );
+        wait_for_run_phase(&self.src_sock);
+        src
+    }
 }
