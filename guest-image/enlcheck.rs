@@ -9,6 +9,19 @@
 //!   enlcheck check MEMCACHED_PID IDLE_PID
 //!   enlcheck hog MIB SECS             allocate and touch MIB, free, repeat for SECS
 //!   enlcheck mallocbench N            ns per malloc/free pair (thesis 5.4.4-like)
+//!   enlcheck mc-write PORT FIRST N    set keys kh<FIRST>..kh<FIRST+N-1> to their known values
+//!   enlcheck mc-verify PORT FIRST N   get them back: prints `ok=N bad=N missing=N`
+//!   enlcheck mc-load PORT [BATCH] [PERIOD_MS]
+//!                                     forever: write BATCH (50) new keys, verify every key
+//!                                     written so far, print one status line, sleep PERIOD_MS (2000)
+//!
+//! `mc-load`'s status line (scripts/kvm-host reads it across snapshots and
+//! migrations; counts are cumulative, the verification is of the last tick):
+//!   MC-STATUS tick=N uptime_ms=N written=N verified_ok=N verified_bad=N verified_missing=N
+//!     memfree_kb=N holding=N softlockups=N clocksource=N verify_ms=N errors=N
+//! `holding` is the module's debugfs counter (-1 without the module),
+//! `softlockups` counts soft lockups and RCU stalls in dmesg, `clocksource`
+//! the clocksource watchdog's complaints (a clock marked unstable).
 //!
 //! `check` prints `CHECK name=value` lines and `T-OK:`/`T-FAIL:` verdicts;
 //! it exits 1 if a hard check fails.
@@ -330,6 +343,168 @@ fn mallocbench(n: u64) -> f64 {
     best
 }
 
+/// The known value of key `kh<i>`: 100 bytes derived from `i`.
+fn mc_value(i: u64) -> Vec<u8> {
+    let mut v = format!("{i:010}-").into_bytes();
+    let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    while v.len() < 100 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.push(b'a' + (x % 26) as u8);
+    }
+    v
+}
+
+struct Mc {
+    port: u16,
+    conn: Option<(TcpStream, std::io::BufReader<TcpStream>)>,
+}
+
+impl Mc {
+    fn new(port: u16) -> Mc {
+        Mc { port, conn: None }
+    }
+    fn conn(&mut self) -> Result<&mut (TcpStream, std::io::BufReader<TcpStream>), String> {
+        if self.conn.is_none() {
+            let s = TcpStream::connect(("127.0.0.1", self.port)).map_err(|e| format!("connect: {e}"))?;
+            s.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+            let r = std::io::BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
+            self.conn = Some((s, r));
+        }
+        Ok(self.conn.as_mut().unwrap())
+    }
+    /// Runs `f` on the connection; drops the connection on error.
+    fn with<T>(&mut self, f: impl FnOnce(&mut TcpStream, &mut std::io::BufReader<TcpStream>) -> Result<T, String>) -> Result<T, String> {
+        let r = match self.conn() {
+            Ok((s, rd)) => f(s, rd),
+            Err(e) => Err(e),
+        };
+        if r.is_err() {
+            self.conn = None;
+        }
+        r
+    }
+    fn write(&mut self, first: u64, n: u64) -> Result<(), String> {
+        self.with(|s, rd| {
+            let mut batch = Vec::new();
+            for i in first..first + n {
+                let v = mc_value(i);
+                batch.extend_from_slice(format!("set kh{i} 0 0 {}\r\n", v.len()).as_bytes());
+                batch.extend_from_slice(&v);
+                batch.extend_from_slice(b"\r\n");
+            }
+            s.write_all(&batch).map_err(|e| format!("write: {e}"))?;
+            for i in first..first + n {
+                let mut line = String::new();
+                use std::io::BufRead;
+                rd.read_line(&mut line).map_err(|e| format!("read: {e}"))?;
+                if line != "STORED\r\n" {
+                    return Err(format!("set kh{i}: {:?}", line.trim_end()));
+                }
+            }
+            Ok(())
+        })
+    }
+    /// (ok, bad, missing) over keys first..first+n.
+    fn verify(&mut self, first: u64, n: u64) -> Result<(u64, u64, u64), String> {
+        use std::io::BufRead;
+        self.with(|s, rd| {
+            let (mut ok, mut bad, mut missing) = (0u64, 0u64, 0u64);
+            let mut i = first;
+            while i < first + n {
+                let m = (first + n - i).min(100);
+                let mut req = String::from("get");
+                for k in i..i + m {
+                    req.push_str(&format!(" kh{k}"));
+                }
+                req.push_str("\r\n");
+                s.write_all(req.as_bytes()).map_err(|e| format!("write: {e}"))?;
+                let mut seen = 0u64;
+                loop {
+                    let mut line = String::new();
+                    rd.read_line(&mut line).map_err(|e| format!("read: {e}"))?;
+                    if line == "END\r\n" {
+                        break;
+                    }
+                    // VALUE <key> <flags> <bytes>
+                    let f: Vec<&str> = line.split_whitespace().collect();
+                    if f.len() < 4 || f[0] != "VALUE" {
+                        return Err(format!("get: unexpected reply {:?}", line.trim_end()));
+                    }
+                    let len: usize = f[3].parse().map_err(|_| format!("get: bad length in {line:?}"))?;
+                    let mut data = vec![0u8; len + 2];
+                    rd.read_exact(&mut data).map_err(|e| format!("read: {e}"))?;
+                    let key: Option<u64> = f[1].strip_prefix("kh").and_then(|k| k.parse().ok());
+                    match key {
+                        Some(k) if (i..i + m).contains(&k) && data[..len] == mc_value(k)[..] => ok += 1,
+                        _ => bad += 1,
+                    }
+                    seen += 1;
+                }
+                missing += m.saturating_sub(seen);
+                i += m;
+            }
+            Ok((ok, bad, missing))
+        })
+    }
+}
+
+/// Counts (soft lockups and RCU stalls, clocksource complaints) in dmesg.
+fn dmesg_complaints() -> (i64, i64) {
+    let Ok(out) = std::process::Command::new("dmesg").output() else { return (-1, -1) };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (mut lockups, mut clock) = (0, 0);
+    for l in text.lines() {
+        if l.contains("soft lockup") || l.contains("self-detected stall") || l.contains("detected stalls on CPUs") {
+            lockups += 1;
+        }
+        let lc = l.to_ascii_lowercase();
+        if (lc.contains("clocksource") || lc.contains("tsc")) && (lc.contains("unstable") || lc.contains("watchdog")) {
+            clock += 1;
+        }
+    }
+    (lockups, clock)
+}
+
+fn memfree_kb() -> u64 {
+    fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find(|l| l.starts_with("MemFree:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn mc_load(port: u16, batch: u64, period: Duration) -> ! {
+    let mut mc = Mc::new(port);
+    let (mut written, mut errors) = (0u64, 0u64);
+    let boot = || fs::read_to_string("/proc/uptime").ok().and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok()).unwrap_or(0.0);
+    for tick in 1u64.. {
+        match mc.write(written, batch) {
+            Ok(()) => written += batch,
+            Err(e) => {
+                errors += 1;
+                println!("MC-ERROR tick={tick} {e}");
+            }
+        }
+        let t = Instant::now();
+        let (ok, bad, missing) = mc.verify(0, written).unwrap_or_else(|e| {
+            errors += 1;
+            println!("MC-ERROR tick={tick} {e}");
+            (0, 0, written)
+        });
+        let verify_ms = t.elapsed().as_millis();
+        let holding = fs::read_to_string(format!("{DEBUGFS}/holding")).ok().and_then(|s| s.trim().parse::<i64>().ok()).unwrap_or(-1);
+        let (lockups, clock) = dmesg_complaints();
+        println!(
+            "MC-STATUS tick={tick} uptime_ms={} written={written} verified_ok={ok} verified_bad={bad} verified_missing={missing} memfree_kb={} holding={holding} softlockups={lockups} clocksource={clock} verify_ms={verify_ms} errors={errors}",
+            (boot() * 1000.0) as u64,
+            memfree_kb()
+        );
+        std::thread::sleep(period);
+    }
+    unreachable!()
+}
+
 fn main() -> ExitCode {
     let a: Vec<String> = std::env::args().collect();
     let arg = |i: usize| a.get(i).cloned().unwrap_or_default();
@@ -344,7 +519,26 @@ fn main() -> ExitCode {
             mallocbench(arg(2).parse().unwrap_or(1_000_000));
             Ok(true)
         }
-        _ => Err("usage: enlcheck fill PORT MIB | check MEMCACHED_PID IDLE_PID | hog MIB SECS | mallocbench N".into()),
+        "mc-write" => {
+            let (first, n) = (arg(3).parse().unwrap_or(0), arg(4).parse().unwrap_or(100));
+            Mc::new(arg(2).parse().unwrap_or(11211)).write(first, n).map(|_| {
+                println!("wrote {n} keys from kh{first}");
+                true
+            })
+        }
+        "mc-verify" => {
+            let (first, n) = (arg(3).parse().unwrap_or(0), arg(4).parse().unwrap_or(100));
+            Mc::new(arg(2).parse().unwrap_or(11211)).verify(first, n).map(|(ok, bad, missing)| {
+                println!("ok={ok} bad={bad} missing={missing}");
+                bad == 0 && missing == 0
+            })
+        }
+        "mc-load" => mc_load(
+            arg(2).parse().unwrap_or(11211),
+            arg(3).parse().unwrap_or(50),
+            Duration::from_millis(arg(4).parse().unwrap_or(2000)),
+        ),
+        _ => Err("usage: enlcheck fill PORT MIB | check MEMCACHED_PID IDLE_PID | hog MIB SECS | mallocbench N | mc-write PORT FIRST N | mc-verify PORT FIRST N | mc-load PORT [BATCH] [PERIOD_MS]".into()),
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,

@@ -423,6 +423,10 @@ pub mod stats_off {
     pub const RUN_END_TSC: usize = 40;
     /// u64 TSC at the last heartbeat (updated at least every ~10 ms while running).
     pub const NOW_TSC: usize = 48;
+    /// u64 frames the guest holds for the host's enlightenment request: its
+    /// free frames from a Ready reply until the host's Done or Abort (0 when
+    /// it holds none). A VM that never gets its Done keeps them forever.
+    pub const HELD_FRAMES: usize = 56;
     /// Per-vCPU records start here, [`PER_VCPU_LEN`] bytes each.
     pub const PER_VCPU: usize = 64;
     /// Length of a per-vCPU record.
@@ -454,6 +458,8 @@ pub struct Stats {
     pub errors: u64,
     pub checksum: u64,
     pub fill_ops: u64,
+    /// Frames held for the enlightenment device ([`stats_off::HELD_FRAMES`]).
+    pub held_frames: u64,
 }
 
 impl Stats {
@@ -473,6 +479,7 @@ impl Stats {
             run_start_tsc: get_u64(b, RUN_START_TSC),
             run_end_tsc: get_u64(b, RUN_END_TSC),
             now_tsc: get_u64(b, NOW_TSC),
+            held_frames: get_u64(b, HELD_FRAMES),
             ..Default::default()
         };
         for v in 0..vcpus as usize {

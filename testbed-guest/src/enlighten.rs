@@ -3,8 +3,11 @@
 //! command queue's used index at every heartbeat. On Prepare it builds the
 //! free bitmap and the priority map from what the testbed knows about its
 //! own memory (fixed layout, image, stacks, driver pages, the workloads'
-//! regions) and replies Ready; Done and Abort are acknowledged (the testbed
-//! allocates nothing while prepared, so there is nothing to hold or release).
+//! regions) and replies Ready. From Ready until Done or Abort the guest
+//! *holds* its free frames, as the Linux module does: the workloads leave
+//! them alone and the stats page's `HELD_FRAMES` says how many are held, so
+//! a host that never releases them (a migration destination forgetting the
+//! Done) is visible; Done and Abort release them and are acknowledged.
 
 use testbed_abi::{
     BootInfo, BOOT_INFO_GPA, GDT_GPA, IMAGE_GPA, MAX_PAGE_DIRECTORIES, MMIO_HOLE_END, PAGE_SIZE, PAGE_TABLES_GPA,
@@ -215,6 +218,7 @@ impl Enlighten {
             }
             Ok(Command::Done { seq } | Command::Abort { seq }) => {
                 self.prepared = false;
+                crate::hw::stat64(testbed_abi::stats_off::HELD_FRAMES, 0);
                 wire::encode_simple(Kind::Ack, seq, &mut out)
             }
             Err(_) => {
@@ -295,6 +299,8 @@ impl Enlighten {
             *byte = bits;
         }
         let t2 = crate::hw::rdtsc();
+        // From the Ready on, the free frames are held until Done/Abort.
+        crate::hw::stat64(testbed_abi::stats_off::HELD_FRAMES, counts[Class::Free as usize]);
         let info = ReadyInfo {
             seq,
             frames,

@@ -184,6 +184,13 @@ impl Block {
     }
 
     /// Capacity in 512-byte sectors.
+    /// Flushes everything written to the image to stable storage
+    /// (`fdatasync`): before a paused VM's state leaves for another host
+    /// that opens the same (shared) image.
+    pub fn sync_data(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+
     pub fn sectors(&self) -> u64 {
         self.sectors
     }

@@ -11,11 +11,13 @@
 //!   post-copy, enlightened post-copy) between two VMMs.
 //! - [`stream`]: appliances: creating one from a snapshot, streaming a VM from one.
 //! - [`api`]: the control socket.
+//! - [`console`]: stdin to the guest's serial port.
 
 pub mod api;
 pub mod appliance_cmd;
 pub mod arch;
 pub mod bus;
+pub mod console;
 pub mod control;
 pub mod cpuid;
 pub mod devices;

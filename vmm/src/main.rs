@@ -52,8 +52,15 @@ enum Command {
         /// (the guest waits idle until it has one; also `vmm api session SPEC`).
         #[arg(long, value_name = "app,KEY=VALUE...")]
         session: Option<String>,
+        /// The VM's disk at OLD when it was snapshotted is NEW here (repeatable).
+        #[arg(long = "disk", value_name = "OLD=NEW", value_parser = parse_disk_map)]
+        disk_map: Vec<(PathBuf, PathBuf)>,
     },
     /// Run the destination of a migration: wait for an authenticated incoming VM, then run it.
+    ///
+    /// Disks are shared storage: the destination opens each of the VM's disks at the path
+    /// the source had it (the source flushes every disk with fdatasync after pausing the VM
+    /// and before sending its state), unless --disk OLD=NEW says it is elsewhere here.
     Receive {
         /// Address to listen on, e.g. 0.0.0.0:7000.
         #[arg(long, value_name = "ADDR")]
@@ -67,6 +74,10 @@ enum Command {
         /// Serve the control API on this Unix socket once the VM runs.
         #[arg(long, value_name = "PATH")]
         api_sock: Option<PathBuf>,
+        /// The VM's disk at OLD on the source is NEW here (repeatable), e.g.
+        /// --disk /srv/a/root.img=/mnt/shared/root.img
+        #[arg(long = "disk", value_name = "OLD=NEW", value_parser = parse_disk_map)]
+        disk_map: Vec<(PathBuf, PathBuf)>,
     },
     /// Migrate a running VM to a `vmm receive` destination and print the report.
     Migrate {
@@ -79,7 +90,7 @@ enum Command {
         /// Shorthand for --mode enlightened.
         #[arg(long, conflicts_with = "mode")]
         enlightened: bool,
-        /// stop-and-copy, precopy, postcopy or enlightened (implemented so far: stop-and-copy).
+        /// stop-and-copy, precopy, postcopy or enlightened [default: enlightened].
         #[arg(long, value_name = "MODE")]
         mode: Option<String>,
         /// File with the shared migration key.
@@ -217,6 +228,18 @@ struct RunArgs {
     /// (without it the guest waits idle after its fill: the moment to snapshot an appliance).
     #[arg(long, value_name = "app,KEY=VALUE...", requires = "testbed")]
     session: Option<String>,
+    /// No enlightenment device (virtio ID 63) for a Linux guest. By default the guest gets
+    /// one on the virtio-mmio window after its disks (announced on the command line), which
+    /// the project's guest module binds to; `vmm migrate --enlightened` needs it.
+    #[arg(long)]
+    no_enlightenment: bool,
+}
+
+fn parse_disk_map(s: &str) -> Result<(PathBuf, PathBuf), String> {
+    match s.split_once('=') {
+        Some((old, new)) if !old.is_empty() && !new.is_empty() => Ok((PathBuf::from(old), PathBuf::from(new))),
+        _ => Err(format!("`{s}` is not OLD=NEW (the disk's path on the source = its path here)")),
+    }
 }
 
 fn parse_mem(s: &str) -> Result<u64, String> {
@@ -233,8 +256,8 @@ fn run(args: RunArgs) -> ExitCode {
         (None, Some(spec)) => BootSource::Testbed { spec },
         _ => unreachable!("clap enforces exactly one of --kernel and --testbed"),
     };
-    let cfg =
-        VmConfig { mem_size: args.mem, vcpus: args.vcpus, boot, disks: args.disk, serial: serial_out(&args.serial) };
+    let mut cfg = VmConfig::new(args.mem, args.vcpus, boot, args.disk, serial_out(&args.serial));
+    cfg.enlighten = !args.no_enlightenment;
     run_vm(cfg, args.api_sock, args.session)
 }
 
@@ -265,7 +288,13 @@ fn run_vm(cfg: VmConfig, api_sock: Option<PathBuf>, session: Option<String>) -> 
 }
 
 /// Waits for an incoming migration and runs the VM it brings.
-fn receive(listen: &str, key_file: &std::path::Path, serial: &str, api_sock: Option<PathBuf>) -> ExitCode {
+fn receive(
+    listen: &str,
+    key_file: &std::path::Path,
+    serial: &str,
+    api_sock: Option<PathBuf>,
+    disk_map: Vec<(PathBuf, PathBuf)>,
+) -> ExitCode {
     let key = match vmm::migration::load_key(key_file) {
         Ok(k) => k,
         Err(e) => {
@@ -284,13 +313,14 @@ fn receive(listen: &str, key_file: &std::path::Path, serial: &str, api_sock: Opt
     loop {
         let vmm::migration::Incoming { mut stream, peer, mem, reader, postcopy, integrity, .. } =
             vmm::migration::accept(&listener, &key);
-        let cfg = VmConfig {
-            mem_size: 0,
-            vcpus: 1,
-            boot: BootSource::Restore { snapshot: PathBuf::from(format!("migration from {peer}")) },
-            disks: Vec::new(),
-            serial: serial_out(serial),
-        };
+        let mut cfg = VmConfig::new(
+            0,
+            1,
+            BootSource::Restore { snapshot: PathBuf::from(format!("migration from {peer}")) },
+            Vec::new(),
+            serial_out(serial),
+        );
+        cfg.disk_map = disk_map.clone();
         match Vm::create_incoming(cfg, mem, reader) {
             Ok(vm) => {
                 if let Err(e) = vmm::migration::confirm(&mut stream, &integrity) {
@@ -312,15 +342,6 @@ fn receive(listen: &str, key_file: &std::path::Path, serial: &str, api_sock: Opt
                     if let Err(e) = pc.finish_in_background(&stream, shared.mem.clone()) {
                         eprintln!("vmm: post-copy from {peer}: {e}");
                         return ExitCode::from(EXIT_GUEST_FAILED);
-                    }
-                    // The guest holds its free frames since the source's
-                    // request: now that it runs here, let it have them back.
-                    if shared.enlighten.as_ref().is_some_and(|e| e.handle().phase() == virtio_devices::Phase::Ready) {
-                        std::thread::spawn(move || {
-                            if let Err(e) = shared.enlighten_release() {
-                                log::warn!("post-copy: releasing the guest's free frames: {e}");
-                            }
-                        });
                     }
                     log::info!("receive: VM from {peer} resumed; its memory follows (post-copy)");
                 } else {
@@ -458,17 +479,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(args),
-        Command::Restore { snapshot, serial, api_sock, session } => {
-            let cfg = VmConfig {
-                mem_size: 0,
-                vcpus: 1,
-                boot: BootSource::Restore { snapshot },
-                disks: Vec::new(),
-                serial: serial_out(&serial),
-            };
+        Command::Restore { snapshot, serial, api_sock, session, disk_map } => {
+            let mut cfg = VmConfig::new(0, 1, BootSource::Restore { snapshot }, Vec::new(), serial_out(&serial));
+            cfg.disk_map = disk_map;
             run_vm(cfg, api_sock, session)
         }
-        Command::Receive { listen, key_file, serial, api_sock } => receive(&listen, &key_file, &serial, api_sock),
+        Command::Receive { listen, key_file, serial, api_sock, disk_map } => {
+            receive(&listen, &key_file, &serial, api_sock, disk_map)
+        }
         Command::Migrate { api_sock, to, enlightened, mode, key_file, report } => {
             let mode = if enlightened { "enlightened".to_string() } else { mode.unwrap_or("enlightened".into()) };
             if let Err(e) = vmm::migration::Mode::parse(&mode) {

@@ -36,6 +36,19 @@ pub struct SnapshotConfig {
     /// The testbed workload spec, if the guest is the testbed.
     pub testbed: Option<String>,
     pub disks: Vec<PathBuf>,
+    /// The enlightenment device's virtio-mmio window and IRQ, if the VM has
+    /// one (a restore or migration recreates it at the same place, where the
+    /// guest's driver found it). Snapshots from before this field: `None`,
+    /// and a testbed VM gets the device on the window after its disks.
+    #[serde(default)]
+    pub enlighten: Option<DeviceWindow>,
+}
+
+/// Where a virtio-mmio device sits: window base and legacy IRQ.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceWindow {
+    pub base: u64,
+    pub irq: u32,
 }
 
 /// vm-superio's serial state, mirrored for serde.
@@ -98,6 +111,11 @@ pub struct DevicesState {
     /// same encoding; `None` for VMs without the device.
     #[serde(default)]
     pub enlighten: Option<Vec<u8>>,
+    /// The enlightenment protocol's state (phase, sequence numbers, the
+    /// Ready reply while the guest holds its free frames), in
+    /// `virtio_devices::enlighten::EnlightenState`'s encoding.
+    #[serde(default)]
+    pub enlighten_protocol: Option<Vec<u8>>,
 }
 
 /// Everything but guest memory.

@@ -129,13 +129,13 @@ pub fn start(url: &str, name: &str, cache: &Path, serial: SerialOut, cfg: Sessio
     } else {
         reader.snapshot.config.disks.clear();
     }
-    let cfg = VmConfig {
-        mem_size: 0,
-        vcpus: 1,
-        boot: BootSource::Restore { snapshot: PathBuf::from(format!("appliance {name}")) },
-        disks: Vec::new(),
+    let cfg = VmConfig::new(
+        0,
+        1,
+        BootSource::Restore { snapshot: PathBuf::from(format!("appliance {name}")) },
+        Vec::new(),
         serial,
-    };
+    );
     let vm = Vm::create_incoming(cfg, mem, reader).map_err(|e| format!("creating the VM: {e}"))?;
     if let Some(b) = backfill {
         for d in &vm.shared().blocks {

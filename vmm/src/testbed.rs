@@ -60,5 +60,6 @@ pub fn stats_json(spec: &WorkloadSpec, stats: Option<&Stats>) -> Value {
         "fill_ops": s.fill_ops,
         "run_seconds": s.run_seconds(),
         "tsc_khz": s.tsc_khz,
+        "held_frames": s.held_frames,
     })
 }

@@ -110,11 +110,32 @@ fn act(ctx: &mut VcpuContext, action: BusAction) -> bool {
     }
 }
 
+/// Tells KVM the guest was stopped (`KVM_KVMCLOCK_CTRL`): the guest's
+/// kvmclock page gets PVCLOCK_GUEST_STOPPED on the next entry and Linux
+/// does not take the time it was paused (or saved, or in transit) for a
+/// soft lockup. Called before the first run (a restored or incoming vCPU)
+/// and after every pause; EINVAL means the guest does not use kvmclock.
+fn note_stopped(ctx: &VcpuContext) {
+    if let Err(e) = ctx.fd.kvmclock_ctrl() {
+        if e.errno() != libc::EINVAL {
+            log::debug!("vCPU {}: KVM_KVMCLOCK_CTRL: {e}", ctx.index);
+        }
+    }
+}
+
 fn run_loop(mut ctx: VcpuContext) {
+    let mut stopped = true;
     loop {
         let control = ctx.control.clone();
-        if let Gate::Exit = control.gate(&mut || save_state(&mut ctx)) {
+        if let Gate::Exit = control.gate(&mut || {
+            save_state(&mut ctx);
+            stopped = true;
+        }) {
             return;
+        }
+        if stopped {
+            note_stopped(&ctx);
+            stopped = false;
         }
         let keep_going = match ctx.fd.run() {
             Ok(exit) => match exit {

@@ -36,6 +36,10 @@ const PRECOPY_MAX_ROUNDS: u32 = 30;
 /// ... or after this long.
 const PRECOPY_MAX_TIME: Duration = Duration::from_secs(300);
 
+/// How long the guest may take to answer an enlightenment command (a
+/// loaded Linux guest under nested emulation takes seconds).
+const ENLIGHTEN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Most vCPUs a Linux guest may have (MP table APIC IDs are 8-bit).
 pub const MAX_VCPUS_LINUX: u32 = 254;
 /// Legacy IRQ of COM1.
@@ -67,6 +71,51 @@ pub struct VmConfig {
     pub boot: BootSource,
     pub disks: Vec<PathBuf>,
     pub serial: SerialOut,
+    /// Give a booted guest the enlightenment device (virtio ID 63) on the
+    /// virtio-mmio window after its disks. Restored and incoming VMs get it
+    /// exactly where their snapshot says, whatever this is.
+    pub enlighten: bool,
+    /// Restored and incoming VMs: disk paths to replace (`OLD`, `NEW`): the
+    /// VM's disk at `OLD` on the source is `NEW` here.
+    pub disk_map: Vec<(PathBuf, PathBuf)>,
+    /// Forward the VMM's stdin to the guest's serial port while it runs
+    /// (Linux guests with their serial on stdout; see [`crate::console`]).
+    pub console_input: bool,
+}
+
+impl VmConfig {
+    /// A configuration with the defaults of `vmm run`.
+    pub fn new(mem_size: u64, vcpus: u32, boot: BootSource, disks: Vec<PathBuf>, serial: SerialOut) -> Self {
+        Self { mem_size, vcpus, boot, disks, serial, enlighten: true, disk_map: Vec::new(), console_input: true }
+    }
+}
+
+/// Applies `map` (`OLD` -> `NEW`) to an incoming VM's disk paths; every
+/// `OLD` must name one of them.
+pub fn remap_disks(disks: &[PathBuf], map: &[(PathBuf, PathBuf)]) -> Result<Vec<PathBuf>, VmError> {
+    for (old, _) in map {
+        if !disks.contains(old) {
+            let list: Vec<String> = disks.iter().map(|d| d.display().to_string()).collect();
+            return Err(VmError::Config(format!(
+                "--disk {}=...: the VM has no disk at {} (its disks: {})",
+                old.display(),
+                old.display(),
+                if list.is_empty() { "none".into() } else { list.join(", ") }
+            )));
+        }
+    }
+    Ok(disks
+        .iter()
+        .map(|d| map.iter().find(|(o, _)| o == d).map(|(_, n)| n.clone()).unwrap_or_else(|| d.clone()))
+        .collect())
+}
+
+/// The virtio-mmio window number `i` (0 = the first disk's).
+fn window(i: usize) -> crate::snapshot::DeviceWindow {
+    crate::snapshot::DeviceWindow {
+        base: VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE,
+        irq: VIRTIO_IRQ_BASE + i as u32,
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -175,6 +224,7 @@ impl Shared {
     }
 
     fn write_snapshot(&self, path: &std::path::Path) -> Result<u64, String> {
+        self.sync_disks()?;
         self.with_snapshot(&mut |snap| crate::snapshot::write(path, snap, &self.mem).map_err(|e| e.to_string()))
     }
 
@@ -338,6 +388,7 @@ impl Shared {
             *paused_here = true;
         }
         let t_pause = Instant::now();
+        self.sync_disks()?;
         fw.send(Kind::Switchover, &[]).map_err(io)?;
         let mut last = match dirty {
             Some(mut d) => {
@@ -440,6 +491,7 @@ impl Shared {
                 paused_here = true;
             }
             let t_pause = Instant::now();
+            self.sync_disks()?;
             let mut free_info = 0;
             if let Some(e) = &enlightenment {
                 let ranges = source.mark_free(e.free_bitmap().free_runs());
@@ -716,6 +768,16 @@ impl Shared {
         Ok((fw, stream, demand, fr))
     }
 
+    /// Flushes every disk to stable storage (the VM must be paused): a
+    /// destination or a restore opening the same images sees every write
+    /// the guest completed.
+    pub fn sync_disks(&self) -> Result<(), String> {
+        for (b, path) in self.blocks.iter().zip(&self.config.disks) {
+            b.sync_data().map_err(|e| format!("flushing disk {}: {e}", path.display()))?;
+        }
+        Ok(())
+    }
+
     /// Builds the snapshot of the paused VM and hands it to `f`.
     fn with_snapshot(&self, f: &mut dyn FnMut(&Snapshot) -> Result<u64, String>) -> Result<u64, String> {
         let mut table = self.vcpu_states.lock().unwrap_or_else(|e| e.into_inner());
@@ -732,6 +794,7 @@ impl Shared {
             serial: SerialSnapshot::from(&self.serial.lock().unwrap_or_else(|e| e.into_inner()).0.state()),
             blocks: self.blocks.iter().map(|b| b.state().encode()).collect(),
             enlighten: self.enlighten.as_ref().map(|e| e.mmio.state().encode()),
+            enlighten_protocol: self.enlighten.as_ref().map(|e| e.handle().state().encode()),
         };
         let result = vm.and_then(|vm| {
             let snap = Snapshot { config: self.config.clone(), vm, vcpus, devices };
@@ -762,7 +825,7 @@ impl Shared {
         }
         let t0 = Instant::now();
         h.request_prepare(bitmap_abi::wire::DEFAULT_ACTIVE_WINDOW_MS).map_err(|e| format!("Prepare: {e}"))?;
-        let ready = h.wait_ready(Duration::from_secs(10)).map_err(|e| {
+        let ready = h.wait_ready(ENLIGHTEN_TIMEOUT).map_err(|e| {
             abort();
             format!("waiting for Ready: {e}")
         })?;
@@ -786,8 +849,37 @@ impl Shared {
         let h = dev.handle();
         let t = Instant::now();
         h.send_done().map_err(|e| format!("Done: {e}"))?;
-        h.wait_ack(Duration::from_secs(5)).map_err(|e| format!("waiting for Ack: {e}"))?;
+        h.wait_ack(ENLIGHTEN_TIMEOUT).map_err(|e| format!("waiting for Ack: {e}"))?;
         Ok(t.elapsed())
+    }
+
+    /// A restored VM (snapshot, migration destination, appliance) whose
+    /// guest was asked for its maps on another host before it was saved may
+    /// still hold its free frames for that request: nobody here will read
+    /// them, so the guest gets them back (Done after a Ready, Abort of a
+    /// Prepare still outstanding, or the delivery of a restored Done/Abort).
+    pub fn settle_enlightenment(&self) -> Result<Option<&'static str>, String> {
+        use virtio_devices::Phase;
+        let Some(dev) = self.enlighten.as_ref() else { return Ok(None) };
+        let h = dev.handle();
+        let what = match h.phase() {
+            Phase::Idle => return Ok(None),
+            Phase::Ready => {
+                self.enlighten_release()?;
+                "Done"
+            }
+            Phase::Preparing | Phase::Failed => {
+                h.send_abort().map_err(|e| format!("Abort: {e}"))?;
+                h.wait_ack(ENLIGHTEN_TIMEOUT).map_err(|e| format!("waiting for Ack: {e}"))?;
+                "Abort"
+            }
+            Phase::Releasing => {
+                dev.deliver_pending();
+                h.wait_ack(ENLIGHTEN_TIMEOUT).map_err(|e| format!("waiting for Ack: {e}"))?;
+                "the restored release"
+            }
+        };
+        Ok(Some(what))
     }
 
     /// Asks the guest for its free bitmap and priority map over the
@@ -986,6 +1078,10 @@ pub struct Vm {
     mmio: Arc<Bus>,
     shared: Arc<Shared>,
     serial_line_start: Arc<AtomicBool>,
+    /// Made from a snapshot or an incoming migration.
+    restored: bool,
+    /// Forward stdin to the serial port once running.
+    console_input: bool,
 }
 
 impl Vm {
@@ -1010,12 +1106,13 @@ impl Vm {
             (BootSource::Restore { snapshot }, None) => Some(SnapshotReader::open(snapshot)?),
             _ => None,
         };
+        let restored = opened.is_some();
         let restore = match opened {
             Some(r) => {
                 let c = &r.snapshot.config;
                 cfg.mem_size = c.mem_size;
                 cfg.vcpus = c.vcpus;
-                cfg.disks = c.disks.clone();
+                cfg.disks = remap_disks(&c.disks, &cfg.disk_map)?;
                 if let Some(spec) = &c.testbed {
                     cfg.boot = BootSource::Testbed { spec: spec.clone() };
                 }
@@ -1067,6 +1164,7 @@ impl Vm {
 
         // Legacy devices.
         let mut pio = Bus::default();
+        let console_input = cfg.console_input && matches!(cfg.serial, SerialOut::Stdout);
         let serial_out: Box<dyn Write + Send> = match cfg.serial {
             SerialOut::Stdout => Box::new(std::io::stdout()),
             SerialOut::File(p) => {
@@ -1111,11 +1209,29 @@ impl Vm {
             virtio_list.push(VirtioMmioDevice { base, irq, device_id: 2 });
             blocks.push(handle);
         }
-        // The enlightenment device on the next window (testbed guests).
-        let enlighten = if testbed_spec.is_some() && virtio_list.len() < testbed_abi::MAX_VIRTIO_DEVICES {
-            let i = virtio_list.len();
-            let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
-            let irq = VIRTIO_IRQ_BASE + i as u32;
+        // The enlightenment device: where the snapshot had it, or on the
+        // window after the disks.
+        let next = virtio_list.len();
+        let room = next < testbed_abi::MAX_VIRTIO_DEVICES;
+        let enlighten_window = match &restore {
+            Some(r) => match r.snapshot.config.enlighten {
+                Some(w) => {
+                    let valid = (next..testbed_abi::MAX_VIRTIO_DEVICES).map(window).any(|v| v == w);
+                    if !valid {
+                        return Err(VmError::Restore(format!(
+                            "the enlightenment device's window {:#x} (IRQ {}) is not a free virtio-mmio window",
+                            w.base, w.irq
+                        )));
+                    }
+                    Some(w)
+                }
+                // Snapshots from before the field: testbed VMs had it after their disks.
+                None => (r.snapshot.config.testbed.is_some() && room).then(|| window(next)),
+            },
+            None => ((testbed_spec.is_some() || cfg.enlighten) && room).then(|| window(next)),
+        };
+        let enlighten = if let Some(w) = enlighten_window {
+            let (base, irq) = (w.base, w.irq);
             let evt = EventFd::new(libc::EFD_NONBLOCK)?;
             fd.register_irqfd(&evt, irq).map_err(kvm_err("KVM_IRQFD (virtio)"))?;
             let handle = VirtioEnlightenHandle::new(mem.clone(), evt);
@@ -1130,14 +1246,17 @@ impl Vm {
         let vcpu_fds: Vec<VcpuFd> = (0..cfg.vcpus)
             .map(|i| fd.create_vcpu(i as u64).map_err(kvm_err("KVM_CREATE_VCPU")))
             .collect::<Result<_, _>>()?;
-        let msrs =
-            Arc::new(crate::vstate::readable_msrs(&kvm, &vcpu_fds[0]).map_err(|e| VmError::Restore(e.to_string()))?);
         let tsc_khz = vcpu_fds[0].get_tsc_khz().unwrap_or(0);
         let base_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         for (i, v) in vcpu_fds.iter().enumerate() {
             let cpuid = crate::cpuid::for_vcpu(&base_cpuid, i as u32, cfg.vcpus);
             v.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         }
+        // Which MSRs KVM lets us read depends on the CPUID the vCPU has
+        // (KVM refuses MSRs of features the guest does not see): probe after
+        // KVM_SET_CPUID2.
+        let msrs =
+            Arc::new(crate::vstate::readable_msrs(&kvm, &vcpu_fds[0]).map_err(|e| VmError::Restore(e.to_string()))?);
         match &cfg.boot {
             _ if restore.is_some() => {
                 let r = restore.expect("checked");
@@ -1151,6 +1270,13 @@ impl Vm {
                 if let (Some(e), Some(st)) = (&enlighten, &r.snapshot.devices.enlighten) {
                     let state = virtio_devices::MmioState::decode(st).map_err(VmError::Restore)?;
                     e.mmio.restore(&state).map_err(|m| VmError::Restore(format!("enlightenment device: {m}")))?;
+                    // After the transport (whose restore resets the device).
+                    if let Some(p) = &r.snapshot.devices.enlighten_protocol {
+                        let ps = virtio_devices::enlighten::EnlightenState::decode(p)
+                            .and_then(|ps| e.handle().restore(&ps).map(|()| ps))
+                            .map_err(|m| VmError::Restore(format!("enlightenment protocol state: {m}")))?;
+                        log::info!("enlightenment device restored in phase {:?}", ps.phase);
+                    }
                 }
                 r.snapshot.vm.restore(&fd).map_err(|e| VmError::Restore(e.to_string()))?;
                 for (v, st) in vcpu_fds.iter().zip(&r.snapshot.vcpus) {
@@ -1187,6 +1313,7 @@ impl Vm {
                 _ => None,
             },
             disks: cfg.disks.clone(),
+            enlighten: enlighten_window,
         };
 
         let shared = Arc::new(Shared {
@@ -1210,7 +1337,17 @@ impl Vm {
             migration: Default::default(),
             session,
         });
-        Ok(Self { _kvm: kvm, _fd: fd, vcpu_fds, pio: Arc::new(pio), mmio: Arc::new(mmio), shared, serial_line_start })
+        Ok(Self {
+            _kvm: kvm,
+            _fd: fd,
+            vcpu_fds,
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            shared,
+            serial_line_start,
+            restored,
+            console_input,
+        })
     }
 
     /// The state the API server talks to.
@@ -1221,6 +1358,12 @@ impl Vm {
     /// Runs the VM until it ends.
     pub fn run(mut self) -> Result<Outcome, VmError> {
         vcpu::install_kick_handler()?;
+        // Testbed guests read no input (and keep Ctrl-C for the VMM).
+        let _console = if self.console_input && self.shared.testbed.is_none() {
+            Some(crate::console::Console::start(self.shared.serial.clone(), self.shared.control.clone())?)
+        } else {
+            None
+        };
         let started = Instant::now();
         for (i, fd) in self.vcpu_fds.drain(..).enumerate() {
             let ctx = VcpuContext {
@@ -1238,6 +1381,16 @@ impl Vm {
         if self.shared.testbed.is_some() {
             let shared = self.shared.clone();
             std::thread::Builder::new().name("progress".into()).spawn(move || shared.sample_progress())?;
+        }
+        if self.restored {
+            let shared = self.shared.clone();
+            std::thread::Builder::new().name("enlighten-settle".into()).spawn(move || {
+                match shared.settle_enlightenment() {
+                    Ok(Some(what)) => log::info!("enlightenment: the guest has its held frames back ({what})"),
+                    Ok(None) => {}
+                    Err(e) => log::warn!("enlightenment: releasing the guest's held frames: {e}"),
+                }
+            })?;
         }
         let reason = self.shared.control.wait_exit(None).unwrap_or(ExitReason::Shutdown);
         let threads = std::mem::take(&mut *self.shared.threads.lock().unwrap_or_else(|e| e.into_inner()));

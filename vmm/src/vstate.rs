@@ -60,6 +60,21 @@ pub fn readable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, StateError> {
     Ok(ok)
 }
 
+/// A TSC-deadline timer that fired while the VM was being paused can leave
+/// `MSR_IA32_TSC_DEADLINE` at 0 with its interrupt not yet delivered: the
+/// restored guest would never get another timer interrupt on that vCPU
+/// (Firecracker PR #4618). A deadline of "now" (the saved TSC) instead fires
+/// once right after the restore, and the guest re-arms its timer. (Restored
+/// after MSR_IA32_TSC: [`readable_msrs`] orders them so.)
+fn fix_zero_tsc_deadline(msrs: &mut [kvm_msr_entry]) {
+    let tsc = msrs.iter().find(|m| m.index == MSR_IA32_TSC).map(|m| m.data);
+    if let (Some(tsc), Some(deadline)) = (tsc, msrs.iter_mut().find(|m| m.index == MSR_IA32_TSC_DEADLINE)) {
+        if deadline.data == 0 {
+            deadline.data = tsc;
+        }
+    }
+}
+
 /// Everything KVM holds for one vCPU.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VcpuState {
@@ -103,6 +118,7 @@ impl VcpuState {
             }
             msrs.extend_from_slice(m.as_slice());
         }
+        fix_zero_tsc_deadline(&mut msrs);
         let vcpu_events = vcpu.get_vcpu_events().map_err(e("KVM_GET_VCPU_EVENTS"))?;
         let tsc_khz = vcpu.get_tsc_khz().ok();
         Ok(Self {
@@ -200,6 +216,19 @@ impl VmState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_zero_tsc_deadline_becomes_the_saved_tsc() {
+        let m = |index, data| kvm_msr_entry { index, data, ..Default::default() };
+        let mut msrs = vec![m(MSR_IA32_TSC, 12345), m(0xc000_0080, 0xd01), m(MSR_IA32_TSC_DEADLINE, 0)];
+        fix_zero_tsc_deadline(&mut msrs);
+        assert_eq!(msrs[2].data, 12345);
+        assert_eq!(msrs[1].data, 0xd01);
+        // An armed deadline stays as it is.
+        let mut armed = vec![m(MSR_IA32_TSC, 12345), m(MSR_IA32_TSC_DEADLINE, 99999)];
+        fix_zero_tsc_deadline(&mut armed);
+        assert_eq!(armed[1].data, 99999);
+    }
     use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 
     fn new_vm(kvm: &Kvm) -> (VmFd, VcpuFd) {

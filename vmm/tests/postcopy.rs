@@ -32,6 +32,13 @@ fn migrate_guest(mode: &str, spec: &str, mem: &str, vcpus: &str, rate: u64, port
     std::thread::sleep(Duration::from_millis(1000));
     let st = api(&h.dst_sock, "status");
     assert_eq!(st["workload"]["errors"], 0, "{st}");
+    // The guest held its free frames from the source's Prepare on: the
+    // destination gives them back (Done) once the VM runs there.
+    if mode == "enlightened" {
+        let held = report["pages"]["free"].as_u64().unwrap();
+        assert!(held > 0, "{report}");
+        wait_frames_released(&h.dst_sock);
+    }
     assert!(st["workload"]["ops"].as_u64().unwrap() > ops.max(migrated_at), "{st}");
     assert_eq!(api(&h.dst_sock, "shutdown")["ok"], true);
     let d_out = wait_output(h.dst, T);
@@ -39,6 +46,21 @@ fn migrate_guest(mode: &str, spec: &str, mem: &str, vcpus: &str, rate: u64, port
     assert_eq!(d_out.json()["errors"], 0, "pages were lost or stale after post-copy\n{report}\n{d_out}");
     eprintln!("{mode} report: {report}");
     report
+}
+
+/// Waits until the testbed guest behind `sock` holds no frames for the
+/// enlightenment device (it holds them from its Ready until Done/Abort).
+fn wait_frames_released(sock: &std::path::Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = api(sock, "status");
+        let held = st["workload"]["held_frames"].as_u64().unwrap_or(u64::MAX);
+        if held == 0 {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "the guest still holds {held} frames: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Issue 4's acceptance: a 2 GiB `kv` guest under load, with stale data in
@@ -232,6 +254,7 @@ fn destination_dying_before_the_commit_leaves_the_source_running() {
         // frames were given back: a new enlightenment round succeeds.
         let st = api(&sock, "status");
         assert_eq!(st["state"], "running", "{st}");
+        wait_frames_released(&sock);
         let before = st["workload"]["ops"].as_u64().unwrap();
         std::thread::sleep(Duration::from_millis(300));
         assert!(api(&sock, "status")["workload"]["ops"].as_u64().unwrap() > before);

@@ -69,6 +69,11 @@ impl VirtioBlockHandle {
         Ok(Self::new(block, mem, irq))
     }
 
+    /// `fdatasync`s the image (see [`virtio_devices::Block::sync_data`]).
+    pub fn sync_data(&self) -> std::io::Result<()> {
+        self.transport.lock().unwrap_or_else(|e| e.into_inner()).device().sync_data()
+    }
+
     /// Makes the disk lazily populated (see [`virtio_devices::block::Backfill`]).
     pub fn set_backfill(&self, b: Arc<dyn virtio_devices::block::Backfill>) {
         self.transport.lock().unwrap_or_else(|e| e.into_inner()).device_mut().set_backfill(b);
@@ -102,5 +107,11 @@ impl VirtioEnlightenHandle {
     /// The host API of the device.
     pub fn handle(&self) -> &virtio_devices::enlighten::EnlightenHandle {
         &self.handle
+    }
+
+    /// Delivers a queued command (e.g. one restored from a snapshot) if the
+    /// driver has a buffer posted; returns whether one still waits.
+    pub fn deliver_pending(&self) -> bool {
+        virtio_devices::enlighten::deliver(&mut self.mmio.transport.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
