@@ -1,0 +1,17 @@
+# L2 guest (busybox sh): facts about the boot, one "FACT key=value" line each.
+f() { echo "FACT $1=$2"; }
+f nproc "$(nproc)"
+f cpus_online "$(cat /sys/devices/system/cpu/online)"
+f root "$(awk '$2 == "/" { print $1 ":" $3 }' /proc/mounts | tail -n1)"
+f vda_driver "$(basename "$(readlink /sys/block/vda/device/driver)")"
+f vda_path "$(readlink -f /sys/block/vda/device)"
+f module "$(grep -c '^enlighten ' /proc/modules)"
+f debugfs "$(ls /sys/kernel/debug/enlighten | wc -l)"
+f bound "$(ls -d /sys/bus/virtio/drivers/enlighten/virtio* 2>/dev/null | wc -l)"
+f bound_msg "$(dmesg | grep -c 'enlighten: device bound')"
+f virtio "$(cat /sys/bus/virtio/devices/*/device | tr '\n' ,)"
+f holding "$(cat /sys/kernel/debug/enlighten/holding)"
+f clock "$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+f irqs "$(grep -cE 'virtio|ttyS' /proc/interrupts)"
+f uptime "$(cut -d' ' -f1 /proc/uptime)"
+f complaints "$(dmesg | grep -ciE 'soft lockup|self-detected stall|stalls on CPUs|clocksource.*unstable|BUG:|WARNING:|Oops')"
