@@ -7,6 +7,6 @@ while true; do
   n=$((n + 1))
   d=$(dmesg)
   l=$(echo "$d" | grep -c -e 'soft lockup' -e 'self-detected stall' -e 'detected stalls on CPUs')
-  c=$(echo "$d" | grep -ci -e 'clocksource.*unstable' -e 'clocksource.*watchdog' -e 'tsc.*unstable')
+  c=$(echo "$d" | grep -vi 'TSCs unsynchronized' | grep -ci -e 'clocksource.*unstable' -e 'clocksource.*watchdog' -e 'tsc.*unstable')
   echo "TICK n=$n uptime=$(cut -d' ' -f1 /proc/uptime) softlockups=$l clocksource=$c"
 done
