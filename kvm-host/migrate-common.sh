@@ -8,8 +8,7 @@
 boot_loaded() {
   local name=$1 disk=$2 t0
   t0=$(now)
-  start_vm "$name" "$disk" "$K/guest/memcached.sh"
-  wait_serial "$name" 'VMM-GUEST-READY' 180 || fail "no VMM-GUEST-READY from the guest within 180 s (see $name.serial, $name.stderr)"
+  boot_vm "$name" "$disk" "$K/guest/memcached.sh" 180 || fail "no VMM-GUEST-READY from the guest within 180 s (see $name.serial, $name.stderr)"
   put boot_s "$(since "$t0")"
   wait_tick "$name" 3 300 || fail "the guest's memcached load did not reach tick 3 (last: $(status "$name"))"
   put load_ready_s "$(since "$t0")"

@@ -7,8 +7,7 @@ source /payload/kvm-host/lib.sh "$@"
 
 disk=$(fresh_disk boot)
 t0=$(now)
-start_vm vm "$disk" "$K/guest/boot.sh"
-wait_serial vm 'VMM-GUEST-READY' 180 || fail "no VMM-GUEST-READY from the guest within 180 s (see vm.serial, vm.stderr)"
+boot_vm vm "$disk" "$K/guest/boot.sh" 180 || fail "no VMM-GUEST-READY from the guest within 180 s (see vm.serial, vm.stderr)"
 put boot_s "$(since "$t0")"
 wait_serial vm 'VMM-GUEST-EXIT' 120 || fail "the guest script did not finish (no VMM-GUEST-EXIT)"
 wait_vm vm 60

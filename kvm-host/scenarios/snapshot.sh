@@ -20,8 +20,7 @@ wait_ticks() { # NAME MIN TIMEOUT
 
 disk=$(fresh_disk snap)
 t0=$(now)
-start_vm vm "$disk" "$K/guest/ticker.sh"
-wait_serial vm 'VMM-GUEST-READY' 180 || fail "no VMM-GUEST-READY within 180 s"
+boot_vm vm "$disk" "$K/guest/ticker.sh" 180 || fail "no VMM-GUEST-READY within 180 s"
 put boot_s "$(since "$t0")"
 wait_ticks vm 5 60 || fail "the guest's loop did not tick 5 times (last: $(ticks vm | tail -n1))"
 
