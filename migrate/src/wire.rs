@@ -408,7 +408,7 @@ impl<R: Read> FrameReader<R> {
 }
 
 /// Page records in a [`Kind::Pages`] payload: `{u64 gpa, PAGE bytes}`.
-pub const PAGE_RECORD: usize = 8 + 4096;
+pub const PAGE_RECORD: usize = 8 + crate::space::PAGE_SIZE as usize;
 
 /// Iterates the `(gpa, page)` records of a Pages payload, validating its shape.
 pub fn page_records(payload: &[u8]) -> Result<impl Iterator<Item = (u64, &[u8])>, WireError> {

@@ -21,6 +21,7 @@ pub mod console;
 pub mod control;
 pub mod cpuid;
 pub mod devices;
+pub mod error;
 pub mod linux;
 pub mod memory;
 pub mod migration;

@@ -24,8 +24,9 @@ use migrate::wire::{self, Channel, FrameReader, Key, Kind};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::memory::{self, GuestMem};
-use crate::postcopy::{page_digest, Dest, Digests, PageSpace};
+use crate::postcopy::Dest;
 use crate::snapshot::{SnapshotConfig, SnapshotReader};
+use migrate::space::{page_digest, Digests, PageSpace};
 
 /// Byte the destination sends once the VM is restored.
 const ACK: u8 = b'A';
@@ -435,7 +436,7 @@ fn receive_stream(stream: &TcpStream, peer: SocketAddr, listener: &TcpListener, 
         }
         let mem = memory::create(&crate::arch::ram_regions(config.mem_size)).map_err(|e| e.to_string())?;
         space = PageSpace::of(&mem);
-        digests = Digests::filled(space.pages(), crate::postcopy::zero_digest());
+        digests = Digests::filled(space.pages(), migrate::space::zero_digest());
         let mut precopied = 0;
         loop {
             let f = fr.expect().map_err(|e| e.to_string())?;

@@ -22,101 +22,22 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use migrate::space::{
+    is_zero, page_digest, zero_digest, Bits, Digests, PageSpace, PAGE_SIZE as PAGE, RANGES_PER_FRAME,
+};
 use migrate::wire::{self, FrameReader, FrameWriter, Kind};
 use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::memory::GuestMem;
 
-/// Page size.
-pub const PAGE: u64 = 4096;
 /// Pages per pushed `Pages` frame (1 MiB).
 const PUSH_BATCH: usize = 256;
-/// Ranges per `Zero`/`FreeRanges` frame.
-const RANGES_PER_FRAME: usize = 64 * 1024;
 /// Most pages one `Request` frame asks for.
 const MAX_REQUEST: usize = 64;
-
-/// Guest RAM as one index space of pages (regions in address order).
-#[derive(Clone, Debug)]
-pub struct PageSpace {
-    /// (base gpa, pages, index of the first page)
-    regions: Vec<(u64, u64, u64)>,
-    total: u64,
-}
-
-impl PageSpace {
-    pub fn of(mem: &GuestMem) -> Self {
-        let mut regions = Vec::new();
-        let mut total = 0;
-        for r in mem.iter() {
-            let pages = r.len() / PAGE;
-            regions.push((r.start_addr().0, pages, total));
-            total += pages;
-        }
-        Self { regions, total }
-    }
-
-    pub fn pages(&self) -> u64 {
-        self.total
-    }
-
-    pub fn gpa(&self, idx: u64) -> u64 {
-        for &(base, pages, first) in &self.regions {
-            if idx < first + pages {
-                return base + (idx - first) * PAGE;
-            }
-        }
-        u64::MAX
-    }
-
-    pub fn index(&self, gpa: u64) -> Option<u64> {
-        if gpa % PAGE != 0 {
-            return None;
-        }
-        self.regions
-            .iter()
-            .find(|&&(base, pages, _)| gpa >= base && gpa < base + pages * PAGE)
-            .map(|&(base, _, first)| first + (gpa - base) / PAGE)
-    }
-
-    /// The parts of the frame range `[pfn, pfn + count)` that are RAM, as
-    /// `(first index, count)`.
-    pub fn clip(&self, pfn: u64, count: u64) -> Vec<(u64, u64)> {
-        let (lo, hi) = (pfn.saturating_mul(PAGE), pfn.saturating_add(count).saturating_mul(PAGE));
-        let mut out = Vec::new();
-        for &(base, pages, first) in &self.regions {
-            let (a, b) = (lo.max(base), hi.min(base + pages * PAGE));
-            if b > a {
-                out.push((first + (a - base) / PAGE, (b - a) / PAGE));
-            }
-        }
-        out
-    }
-}
-
-/// A bitmap safe to share between threads.
-pub struct Bits(Vec<AtomicU64>);
-
-impl Bits {
-    pub fn new(n: u64) -> Self {
-        Self((0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
-    }
-    /// Sets bit `i`; true if it was clear.
-    pub fn set(&self, i: u64) -> bool {
-        let b = 1u64 << (i % 64);
-        self.0[(i / 64) as usize].fetch_or(b, Ordering::AcqRel) & b == 0
-    }
-    pub fn get(&self, i: u64) -> bool {
-        self.0[(i / 64) as usize].load(Ordering::Acquire) & (1 << (i % 64)) != 0
-    }
-    pub fn clear(&self, i: u64) {
-        self.0[(i / 64) as usize].fetch_and(!(1u64 << (i % 64)), Ordering::AcqRel);
-    }
-}
 
 /// A random token naming one migration (its reconnections present it).
 pub fn new_token() -> String {
@@ -127,88 +48,14 @@ pub fn new_token() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Digest of one page's content (the first 8 bytes of its BLAKE3 hash).
-pub fn page_digest(data: &[u8]) -> u64 {
-    u64::from_le_bytes(blake3::hash(data).as_bytes()[..8].try_into().expect("8 bytes"))
-}
-
-/// Digest of a zero page.
-pub fn zero_digest() -> u64 {
-    static Z: OnceLock<u64> = OnceLock::new();
-    *Z.get_or_init(|| page_digest(&[0u8; PAGE as usize]))
-}
-
-fn is_zero(p: &[u8]) -> bool {
-    p.chunks_exact(8).all(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")) == 0)
-}
-
-/// Per-page digests (0 = free / not sent) and their combined hash.
-pub struct Digests(Vec<AtomicU64>);
-
-impl Digests {
-    pub fn new(n: u64) -> Self {
-        Self::filled(n, 0)
-    }
-    pub fn filled(n: u64, v: u64) -> Self {
-        Self((0..n).map(|_| AtomicU64::new(v)).collect())
-    }
-    /// Digests of every page of `mem` as it is now.
-    pub fn of_memory(mem: &GuestMem) -> Self {
-        let space = PageSpace::of(mem);
-        let d = Self::new(space.pages());
-        let mut page = vec![0u8; PAGE as usize];
-        for i in 0..space.pages() {
-            if mem.read_slice(&mut page, GuestAddress(space.gpa(i))).is_ok() {
-                d.set(i, page_digest(&page));
-            }
-        }
-        d
-    }
-    pub fn set(&self, i: u64, d: u64) {
-        self.0[i as usize].store(d, Ordering::Relaxed);
-    }
-    /// BLAKE3 over all digests in page order.
-    pub fn summary(&self) -> [u8; 32] {
-        let mut h = blake3::Hasher::new();
-        let mut buf = Vec::with_capacity(64 * 1024);
-        for d in &self.0 {
-            buf.extend_from_slice(&d.load(Ordering::Relaxed).to_le_bytes());
-            if buf.len() >= 64 * 1024 {
-                h.update(&buf);
-                buf.clear();
-            }
-        }
-        h.update(&buf);
-        *h.finalize().as_bytes()
-    }
-}
-
-/// Encodes `(first_pfn, count)` ranges.
-fn encode_ranges(ranges: &[(u64, u64)]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(ranges.len() * 16);
-    for &(a, n) in ranges {
-        v.extend_from_slice(&a.to_le_bytes());
-        v.extend_from_slice(&n.to_le_bytes());
-    }
-    v
-}
-
-/// Decodes `(first_pfn, count)` ranges.
+/// Decodes `(first_pfn, count)` ranges ([`migrate::space::decode_ranges`]).
 pub fn decode_ranges(payload: &[u8], what: &'static str) -> Result<Vec<(u64, u64)>, String> {
-    if payload.len() % 16 != 0 {
-        return Err(format!("malformed {what} frame"));
-    }
-    let v = wire::u64s(payload, what).map_err(|e| e.to_string())?;
-    Ok(v.chunks_exact(2).map(|c| (c[0], c[1])).collect())
+    migrate::space::decode_ranges(payload, what).map_err(|e| e.to_string())
 }
 
-/// Sends frame ranges (`(first_pfn, count)`) in as few frames as fit.
+/// Sends frame ranges in as few frames as fit ([`migrate::space::send_ranges`]).
 pub fn send_ranges<W: Write>(fw: &mut FrameWriter<W>, kind: Kind, ranges: &[(u64, u64)]) -> Result<u64, String> {
-    let before = fw.bytes;
-    for chunk in ranges.chunks(RANGES_PER_FRAME) {
-        fw.send(kind, &encode_ranges(chunk)).map_err(|e| format!("sending {kind:?}: {e}"))?;
-    }
-    Ok(fw.bytes - before)
+    migrate::space::send_ranges(fw, kind, ranges).map_err(|e| format!("sending {kind:?}: {e}"))
 }
 
 /// Marks a demand connection interactive: a priority-aware queue on the
@@ -263,7 +110,7 @@ pub struct Source {
 
 impl Source {
     pub fn new(mem: Arc<GuestMem>) -> Self {
-        let space = PageSpace::of(&mem);
+        let space = PageSpace::of(&*mem);
         let n = space.pages();
         Self {
             mem,
@@ -958,47 +805,4 @@ pub fn sample_progress(mem: Arc<GuestMem>, stop: Arc<AtomicBool>, out: Arc<Mutex
         }
         !stop.load(Ordering::Acquire)
     });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn page_space_maps_indexes_across_the_hole() {
-        let mem = crate::memory::create(&crate::arch::ram_regions(4u64 << 30)).unwrap();
-        let s = PageSpace::of(&mem);
-        assert_eq!(s.pages(), (4u64 << 30) / PAGE);
-        let below = 0xC000_0000 / PAGE;
-        assert_eq!(s.gpa(below - 1), 0xC000_0000 - PAGE);
-        assert_eq!(s.gpa(below), 1 << 32);
-        assert_eq!(s.index(1 << 32), Some(below));
-        assert_eq!(s.index(0xC000_0000), None);
-        assert_eq!(s.index(0x1001), None);
-        // A frame range across the hole keeps only RAM.
-        let hole = ((1u64 << 32) - 0xC000_0000) / PAGE;
-        let c = s.clip(below - 2, hole + 4);
-        assert_eq!(c, vec![(below - 2, 2), (below, 2)]);
-    }
-
-    #[test]
-    fn bits_and_digests() {
-        let b = Bits::new(130);
-        assert!(b.set(129));
-        assert!(!b.set(129));
-        assert!(b.get(129) && !b.get(128));
-        let d = Digests::new(3);
-        let e = Digests::new(3);
-        d.set(1, zero_digest());
-        assert_ne!(d.summary(), e.summary());
-        e.set(1, page_digest(&[0u8; 4096]));
-        assert_eq!(d.summary(), e.summary());
-    }
-
-    #[test]
-    fn ranges_round_trip_and_reject_bad_lengths() {
-        let r = vec![(1, 2), (10, 1 << 20)];
-        assert_eq!(decode_ranges(&encode_ranges(&r), "zero").unwrap(), r);
-        assert!(decode_ranges(&[0u8; 8], "zero").is_err());
-    }
 }

@@ -24,7 +24,7 @@ use crate::vstate::{VcpuState, VmState};
 const MAGIC: &[u8; 8] = b"VMMSNAP\0";
 /// Format version; files of another version are refused.
 pub const VERSION: u32 = 1;
-const PAGE: usize = 4096;
+const PAGE: usize = migrate::space::PAGE_SIZE as usize;
 /// Largest JSON state section accepted.
 const MAX_STATE: u64 = 64 << 20;
 

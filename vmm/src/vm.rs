@@ -22,6 +22,8 @@ use crate::bus::Bus;
 use crate::control::{Control, ExitReason};
 use crate::devices::legacy::{self, ExitPort, IrqfdTrigger, ParkPort, SerialDevice, SerialSink, I8042};
 use crate::devices::virtio::{VirtioBlockHandle, VirtioEnlightenHandle};
+use crate::error::kvm_err;
+pub use crate::error::VmError;
 use crate::memory::{self, GuestMem};
 use crate::migration::Mode;
 use crate::snapshot::{DevicesState, SerialSnapshot, Snapshot, SnapshotConfig, SnapshotReader};
@@ -116,36 +118,6 @@ fn window(i: usize) -> crate::snapshot::DeviceWindow {
         base: VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE,
         irq: VIRTIO_IRQ_BASE + i as u32,
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum VmError {
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    #[error("invalid testbed workload: {0}")]
-    Workload(String),
-    #[error(transparent)]
-    Memory(#[from] memory::MemoryError),
-    #[error("cannot open /dev/kvm: {0} (is KVM available and do you have permission?)")]
-    KvmOpen(kvm_ioctls::Error),
-    #[error("KVM: {what}: {source}")]
-    Kvm { what: &'static str, source: kvm_ioctls::Error },
-    #[error("cannot open {path}: {source}")]
-    File { path: PathBuf, source: std::io::Error },
-    #[error("boot: {0}")]
-    Boot(String),
-    #[error("device setup: {0}")]
-    Device(String),
-    #[error(transparent)]
-    Snapshot(#[from] crate::snapshot::SnapshotError),
-    #[error("restoring: {0}")]
-    Restore(String),
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-}
-
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
-    move |source| VmError::Kvm { what, source }
 }
 
 /// State shared by the run loop, the vCPU threads and the API server.
@@ -416,7 +388,7 @@ impl Shared {
         let downtime = t_pause.elapsed().as_secs_f64() * 1000.0;
         let total = t0.elapsed().as_secs_f64() * 1000.0;
         // The VM is still paused here: its memory is the memory at suspension.
-        let src_digest = crate::postcopy::Digests::of_memory(&self.mem).summary();
+        let src_digest = migrate::space::Digests::of_memory(&*self.mem).summary();
         let integrity_ok = src_digest == dest_digest;
         if !integrity_ok {
             log::error!("migration: destination memory differs from the source's at suspension");
@@ -440,7 +412,7 @@ impl Shared {
                 "match": integrity_ok,
                 "source": blake3::Hash::from(src_digest).to_hex().to_string(),
                 "destination": blake3::Hash::from(dest_digest).to_hex().to_string(),
-                "pages_compared": crate::postcopy::PageSpace::of(&self.mem).pages(),
+                "pages_compared": migrate::space::PageSpace::of(&*self.mem).pages(),
             },
         }))
     }
@@ -558,7 +530,7 @@ impl Shared {
                     .map(|&c| {
                         let pages = prio
                             .frames_of(c)
-                            .filter_map(|pfn| source.space.index(pfn * postcopy::PAGE))
+                            .filter_map(|pfn| source.space.index(pfn * migrate::space::PAGE_SIZE))
                             .filter(|&i| !source.free.get(i))
                             .collect();
                         Round { name: c.name().to_owned(), class: Some(c as u32), pages }
@@ -568,7 +540,7 @@ impl Shared {
                         name: "unmapped".into(),
                         class: None,
                         pages: (0..source.space.pages())
-                            .filter(|&i| source.space.gpa(i) / postcopy::PAGE >= e.ready.frames())
+                            .filter(|&i| source.space.gpa(i) / migrate::space::PAGE_SIZE >= e.ready.frames())
                             .collect(),
                     }))
                     .collect()

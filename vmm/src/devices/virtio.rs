@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::{BusAction, BusDevice};
+use crate::error::VmError;
 use crate::memory::GuestMem;
-use crate::vm::VmError;
 
 /// Puts any virtio-mmio transport on the bus.
 struct OnBus<T>(Arc<Mutex<T>>);

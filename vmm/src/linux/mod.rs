@@ -34,8 +34,8 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryReg
 use testbed_abi::{VirtioMmioDevice, MMIO_HOLE_START, PAGE_TABLES_GPA, VIRTIO_MMIO_SIZE};
 
 use crate::arch::{self, ArchError};
+use crate::error::VmError;
 use crate::memory::GuestMem;
-use crate::vm::VmError;
 
 pub const GDT_START: u64 = 0x500;
 pub const IDT_START: u64 = 0x520;
