@@ -339,7 +339,7 @@ pub fn analyze(traces: &[Trace], bytes: &dyn Fn(ChunkKey) -> u64, params: &Analy
         clustering_interval_us: params.clustering_interval_us,
         clusters,
         start,
-        profile: crate::planner::vmtorrent_profile(traces, bytes)
+        profile: vmtorrent_profile(traces, bytes)
             .into_iter()
             .map(|(key, t)| ProfileEntry { key, avg_us: t / 1000 * 1000 })
             .collect(),
@@ -379,6 +379,26 @@ pub fn analyze_appliance(store: &crate::store::Store, name: &str, params: &Analy
     k.manifest = mh.to_hex();
     let v = store.put_knowledge(name, &k.to_bytes())?;
     Ok((v, k))
+}
+
+/// VMTorrent's profile (Reich et al., CoNEXT 2012; thesis 3.4.6): every
+/// chunk seen in any trace, ordered by its average first-access time over
+/// the traces that contain it. Chunks with no transfer cost are left out.
+pub fn vmtorrent_profile(traces: &[Trace], bytes: &dyn Fn(ChunkKey) -> u64) -> Vec<(ChunkKey, u64)> {
+    let mut sum: HashMap<ChunkKey, (u64, u64)> = HashMap::new();
+    for t in traces {
+        for a in &t.accesses {
+            if bytes(a.key) == 0 {
+                continue;
+            }
+            let e = sum.entry(a.key).or_insert((0, 0));
+            e.0 += a.t_us;
+            e.1 += 1;
+        }
+    }
+    let mut v: Vec<(ChunkKey, u64)> = sum.into_iter().map(|(k, (s, n))| (k, s / n)).collect();
+    v.sort_by_key(|&(k, t)| (t, k));
+    v
 }
 
 #[cfg(test)]

@@ -24,9 +24,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::chunk::{self, ChunkHash};
-use crate::http::{self, ReadError};
+use crate::http::{self, set_interactive, ReadError, MAX_BATCH};
 use crate::manifest::Manifest;
-use crate::server::MAX_BATCH;
 use crate::store::atomic_write;
 use crate::trace::Trace;
 use crate::{io_err, Error, Result};
@@ -157,15 +156,6 @@ pub struct Client {
     stats: Mutex<ClientStats>,
     timeout: Duration,
     retry: Option<Duration>,
-}
-
-/// Marks a socket's packets interactive (SO_PRIORITY 6): a priority qdisc
-/// under the link's shaper (as netsim's `tbf` + `pfifo_fast`, or DSCP on
-/// a real network) sends them before bulk prefetch traffic.
-pub(crate) fn set_interactive(s: &TcpStream) {
-    if let Err(e) = socket2::SockRef::from(s).set_priority(6) {
-        log::debug!("SO_PRIORITY 6: {e}");
-    }
 }
 
 fn is_transient(e: &Error) -> bool {

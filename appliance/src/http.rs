@@ -3,6 +3,10 @@
 
 use std::io::{self, BufRead, Read, Write};
 
+/// Most hashes in one `POST /v1/chunks:batch` (the server refuses more;
+/// the client never asks for more).
+pub const MAX_BATCH: usize = 4096;
+
 const MAX_LINE: usize = 8192;
 const MAX_HEADERS: usize = 64;
 
@@ -188,4 +192,13 @@ pub fn write_request(
     buf.extend_from_slice(body);
     w.write_all(&buf)?;
     w.flush()
+}
+
+/// Marks a socket's packets interactive (SO_PRIORITY 6): a priority qdisc
+/// under the link's shaper (as netsim's `tbf` + `pfifo_fast`, or DSCP on
+/// a real network) sends them before bulk prefetch traffic.
+pub(crate) fn set_interactive(s: &std::net::TcpStream) {
+    if let Err(e) = socket2::SockRef::from(s).set_priority(6) {
+        log::debug!("SO_PRIORITY 6: {e}");
+    }
 }

@@ -2,11 +2,7 @@
 //! 3.9 to 3.12) and the baselines' orders. Pure logic: the simulator and
 //! the streaming client call the same functions.
 
-use std::collections::HashMap;
-
 use crate::analysis::{Knowledge, Relation};
-use crate::chunk::ChunkKey;
-use crate::trace::Trace;
 
 /// Where the decision starts from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,26 +126,6 @@ pub fn plan(
     p
 }
 
-/// VMTorrent's profile (Reich et al., CoNEXT 2012; thesis 3.4.6): every
-/// chunk seen in any trace, ordered by its average first-access time over
-/// the traces that contain it. Chunks with no transfer cost are left out.
-pub fn vmtorrent_profile(traces: &[Trace], bytes: &dyn Fn(ChunkKey) -> u64) -> Vec<(ChunkKey, u64)> {
-    let mut sum: HashMap<ChunkKey, (u64, u64)> = HashMap::new();
-    for t in traces {
-        for a in &t.accesses {
-            if bytes(a.key) == 0 {
-                continue;
-            }
-            let e = sum.entry(a.key).or_insert((0, 0));
-            e.0 += a.t_us;
-            e.1 += 1;
-        }
-    }
-    let mut v: Vec<(ChunkKey, u64)> = sum.into_iter().map(|(k, (s, n))| (k, s / n)).collect();
-    v.sort_by_key(|&(k, t)| (t, k));
-    v
-}
-
 /// A small deterministic PRNG (xorshift64*), enough for window-randomised
 /// selection and synthetic workloads.
 #[derive(Clone, Debug)]
@@ -218,8 +194,9 @@ pub fn buffer_prefix(order: &[(u64, u64)], bandwidth: f64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::analysis::{analyze, AnalysisParams};
-    use crate::trace::{Access, TraceHeader};
+    use crate::analysis::{analyze, vmtorrent_profile, AnalysisParams};
+    use crate::chunk::ChunkKey;
+    use crate::trace::{Access, Trace, TraceHeader};
 
     fn trace(acc: &[(u64, u64)]) -> Trace {
         Trace {

@@ -25,13 +25,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::chunk::{self, ChunkHash};
-use crate::http::{self, ReadError};
+use crate::http::{self, ReadError, MAX_BATCH};
 use crate::store::Store;
 use crate::trace::Trace;
 use crate::{io_err, Error, Result};
 
-/// Most hashes in one batch request.
-pub const MAX_BATCH: usize = 4096;
 const MAX_TRACE: usize = 256 << 20;
 const MAX_CONNECTIONS: usize = 512;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -161,7 +159,7 @@ fn handle_connection(store: &Store, conn: TcpStream) {
         };
         let close = req.wants_close(http10);
         if !interactive && req.header("x-priority").is_some_and(|v| v.eq_ignore_ascii_case("demand")) {
-            crate::client::set_interactive(w.get_ref());
+            http::set_interactive(w.get_ref());
             interactive = true;
         }
         let (status, headers, body) = route(store, &req.first, &req.second, &req.body);

@@ -411,7 +411,7 @@ mod tests {
         let d = simulate(&mk(), &Policy::DemandOnly, link, &|_| 1000, 0);
         assert_eq!(d.misses, 100);
         assert!(m.session_s < d.session_s);
-        let prof = planner::vmtorrent_profile(&[mk()], &|_| 1000);
+        let prof = crate::analysis::vmtorrent_profile(&[mk()], &|_| 1000);
         let v = simulate(&mk(), &Policy::VmTorrent { profile: &prof, window: 8, seed: 1 }, link, &|_| 1000, 0);
         assert_eq!(v.fetch_ratio, 1.0);
         assert!(v.misses < 100, "{v:?}");

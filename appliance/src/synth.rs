@@ -268,8 +268,9 @@ impl Model {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::analysis::vmtorrent_profile;
     use crate::analysis::{analyze, AnalysisParams};
-    use crate::planner::{vmtorrent_profile, PlannerConfig};
+    use crate::planner::PlannerConfig;
     use crate::sim::{simulate, Link, Policy};
 
     #[test]

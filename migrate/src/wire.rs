@@ -407,8 +407,9 @@ impl<R: Read> FrameReader<R> {
     }
 }
 
-/// Page records in a [`Kind::Pages`] payload: `{u64 gpa, PAGE bytes}`.
-pub const PAGE_RECORD: usize = 8 + crate::space::PAGE_SIZE as usize;
+/// Page records in a [`Kind::Pages`] payload: `{u64 gpa, PAGE bytes}` (the page size is
+/// `pager::PAGE_SIZE`, re-exported as `space::PAGE_SIZE`; wire sits below space).
+pub const PAGE_RECORD: usize = 8 + pager::PAGE_SIZE as usize;
 
 /// Iterates the `(gpa, page)` records of a Pages payload, validating its shape.
 pub fn page_records(payload: &[u8]) -> Result<impl Iterator<Item = (u64, &[u8])>, WireError> {

@@ -80,6 +80,23 @@ enum Command {
         disk_map: Vec<(PathBuf, PathBuf)>,
     },
     /// Migrate a running VM to a `vmm receive` destination and print the report.
+    ///
+    /// Modes (all four in one binary; the report's fields are the thesis' metrics:
+    /// downtime, execution transfer, total duration, bytes by kind, fault latencies):
+    ///
+    ///   stop-and-copy  pause, send every non-zero page and the device state, resume there.
+    ///   precopy        send all pages while the VM runs, resend dirty ones in rounds until
+    ///                  a round is small enough, then stop and copy the rest.
+    ///   postcopy       pause, send the device state, resume at the destination at once;
+    ///                  pages are pushed in address order while a second connection serves
+    ///                  the destination's faults (userfaultfd).
+    ///   enlightened    post-copy guided by the guest: its module reports free pages (never
+    ///                  sent) and a priority map (kernel, page tables, active processes
+    ///                  first); needs the guest module (Linux) or the testbed guest.
+    ///
+    /// Example: vmm migrate --api-sock /run/vm.sock --to 10.0.0.2:7000 --key-file mig.key
+    ///          --enlightened --report report.json
+    #[command(verbatim_doc_comment)]
     Migrate {
         /// The source VMM's API socket.
         #[arg(long, value_name = "PATH")]

@@ -18,8 +18,9 @@
 
 use std::time::Instant;
 
+use appliance::analysis::vmtorrent_profile;
 use appliance::analysis::{analyze, AnalysisParams};
-use appliance::planner::{vmtorrent_profile, PlannerConfig};
+use appliance::planner::PlannerConfig;
 use appliance::sim::{simulate, Link, Metrics, Policy};
 use appliance::synth::{Model, SessionParams};
 
