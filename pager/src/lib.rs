@@ -9,8 +9,9 @@
 //! thread can race for the same page and exactly one wins, the other learns
 //! it was already present. Installing wakes whoever waits on the page.
 //!
-//! One fault path serves post-copy migration (pages pushed in priority order,
-//! faults fetched on demand) and appliance streaming (chunks from a server).
+//! One fault loop ([`faults::serve`], answering each fault from a
+//! [`PageSource`]) serves post-copy migration (pages pushed in priority order,
+//! faults requested on demand) and appliance streaming (chunks from a server).
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -18,6 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use userfaultfd::{Event, RegisterMode, Uffd, UffdBuilder};
+
+pub mod faults;
+pub use faults::{serve, Answer, Latencies, PageSource};
 
 /// Page size the pager works in.
 pub const PAGE_SIZE: u64 = 4096;
@@ -293,33 +297,13 @@ impl Pager {
     }
 }
 
-/// Where a simple synchronous fault server gets pages from.
-pub trait PageSource: Send + Sync {
-    /// Fills `buf` (one page) with the content at `gpa`.
-    fn fetch(&self, gpa: u64, buf: &mut [u8]) -> io::Result<()>;
-}
-
-/// Serves faults from `source` until every page is present or `stop()`
-/// returns true. Pages are fetched one at a time, synchronously: the
-/// migration engine pipelines its own requests; this is for simple sources.
-pub fn serve(pager: &Pager, source: &dyn PageSource, stop: impl Fn() -> bool) -> io::Result<()> {
-    let mut buf = vec![0u8; PAGE_SIZE as usize];
-    while pager.missing() > 0 && !stop() {
-        if let Some(gpa) = pager.wait_fault(Duration::from_millis(20))? {
-            source.fetch(gpa, &mut buf)?;
-            pager.install(gpa, &buf)?;
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::Arc;
 
     /// An anonymous private mapping, unmapped on drop.
-    struct Mapping {
+    pub(crate) struct Mapping {
         addr: usize,
         len: usize,
     }
@@ -339,7 +323,7 @@ mod tests {
             assert_ne!(p, libc::MAP_FAILED);
             Self { addr: p as usize, len }
         }
-        fn read_u64(&self, off: usize) -> u64 {
+        pub(crate) fn read_u64(&self, off: usize) -> u64 {
             assert!(off + 8 <= self.len);
             // SAFETY: in bounds of the live mapping; may block on a userfault.
             unsafe { std::ptr::read_volatile((self.addr + off) as *const u64) }
@@ -352,29 +336,40 @@ mod tests {
         }
     }
 
-    const BASE: u64 = 0x1_0000_0000;
+    pub(crate) const BASE: u64 = 0x1_0000_0000;
 
-    fn pattern(gpa: u64) -> u64 {
+    pub(crate) fn pattern(gpa: u64) -> u64 {
         gpa.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
     }
 
-    struct Pattern;
+    pub(crate) struct Pattern;
     impl PageSource for Pattern {
-        fn fetch(&self, gpa: u64, buf: &mut [u8]) -> io::Result<()> {
-            for (i, w) in buf.chunks_mut(8).enumerate() {
-                w.copy_from_slice(&pattern(gpa + i as u64 * 8).to_le_bytes());
-            }
-            Ok(())
+        fn answer(&mut self, gpa: u64, buf: &mut [u8]) -> io::Result<Answer> {
+            fill(gpa, buf);
+            Ok(Answer::Data)
+        }
+        fn done(&self) -> bool {
+            false
         }
     }
 
-    fn page_of(gpa: u64) -> Vec<u8> {
+    pub(crate) fn fill(gpa: u64, buf: &mut [u8]) {
+        for (i, w) in buf.chunks_mut(8).enumerate() {
+            w.copy_from_slice(&pattern(gpa + i as u64 * 8).to_le_bytes());
+        }
+    }
+
+    pub(crate) fn page_of(gpa: u64) -> Vec<u8> {
         let mut b = vec![0u8; PAGE_SIZE as usize];
-        Pattern.fetch(gpa, &mut b).unwrap();
+        fill(gpa, &mut b);
         b
     }
 
-    fn setup(pages: usize) -> (Arc<Mapping>, Arc<Pager>) {
+    fn serve_pattern(pager: &Pager) {
+        serve(pager, &mut Pattern, &Latencies::default(), faults::Options::default()).unwrap();
+    }
+
+    pub(crate) fn setup(pages: usize) -> (Arc<Mapping>, Arc<Pager>) {
         let m = Arc::new(Mapping::new(pages * PAGE_SIZE as usize));
         // SAFETY: `m` is a private anonymous mapping kept alive by the test.
         let p = unsafe { Pager::register(&[Region { guest_base: BASE, host_addr: m.addr, len: m.len }]) }.unwrap();
@@ -388,7 +383,7 @@ mod tests {
             let m = m.clone();
             std::thread::spawn(move || (0..64).map(|p| m.read_u64(p * 4096 + 8)).collect::<Vec<_>>())
         };
-        serve(&pager, &Pattern, || false).unwrap();
+        serve_pattern(&pager);
         let got = reader.join().unwrap();
         for (p, v) in got.iter().enumerate() {
             assert_eq!(*v, pattern(BASE + p as u64 * 4096 + 8));
@@ -451,7 +446,7 @@ mod tests {
                 })
             })
             .collect();
-        serve(&pager, &Pattern, || false).unwrap();
+        serve_pattern(&pager);
         pusher.join().unwrap();
         for r in readers {
             r.join().unwrap();

@@ -290,7 +290,9 @@ pub struct Dest {
     pub digests: Digests,
     /// Requested pages and when the first fault on each was seen.
     pending: Mutex<HashMap<u64, Instant>>,
-    latencies_us: Mutex<Vec<u64>>,
+    latencies: pager::Latencies,
+    /// Faults on free pages, mapped here by the fault loop.
+    free_latencies: pager::Latencies,
     pub done: AtomicBool,
     pub failed: Mutex<Option<String>>,
     pub push_pages: AtomicU64,
@@ -347,7 +349,8 @@ impl Dest {
             space,
             digests: Digests::new(n),
             pending: Mutex::new(HashMap::new()),
-            latencies_us: Mutex::new(Vec::new()),
+            latencies: pager::Latencies::default(),
+            free_latencies: pager::Latencies::default(),
             done: AtomicBool::new(false),
             failed: Mutex::new(None),
             push_pages: AtomicU64::new(0),
@@ -455,7 +458,7 @@ impl Dest {
             !hit
         });
         drop(p);
-        self.latencies_us.lock().unwrap_or_else(|e| e.into_inner()).extend(lat);
+        self.latencies.extend_us(lat);
     }
 
     /// Installs the pages of a `Pages` payload.
@@ -470,77 +473,25 @@ impl Dest {
             }
             let t = self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&gpa);
             if let Some(t) = t {
-                self.latencies_us.lock().unwrap_or_else(|e| e.into_inner()).push(t.elapsed().as_micros() as u64);
+                self.latencies.record(t);
             }
         }
         Ok(())
     }
 
-    /// Turns userfaultfd faults into requests on the demand connection. If
-    /// the connection breaks, faulting vCPUs wait (the others run on) and the
+    /// Turns userfaultfd faults into requests on the demand connection
+    /// (the pager's fault loop with a [`DemandRequests`] source). If the
+    /// connection breaks, faulting vCPUs wait (the others run on) and the
     /// requests still pending go out again on the next connection.
     pub fn fault_loop(&self, conn: TcpStream) {
-        type Writer = FrameWriter<std::io::BufWriter<TcpStream>>;
-        let mut fw: Option<Writer> = Some(FrameWriter::new(std::io::BufWriter::new(conn)));
-        let mut req = Vec::with_capacity(MAX_REQUEST * 8);
-        let send = |fw: &mut Option<Writer>, req: &[u8]| {
-            if let Some(w) = fw {
-                self.requests.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = w.send(Kind::Request, req).and_then(|_| w.flush()) {
-                    log::warn!("post-copy: demand connection lost ({e}); faulting vCPUs wait for the source");
-                    *fw = None;
-                }
-            }
+        let mut source = DemandRequests {
+            dest: self,
+            fw: Some(FrameWriter::new(std::io::BufWriter::new(conn))),
+            req: Vec::with_capacity(MAX_REQUEST * 8),
         };
-        while !self.done.load(Ordering::Acquire) {
-            if let Some(c) = self.demand_slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                fw = Some(FrameWriter::new(std::io::BufWriter::new(c)));
-                let pending: Vec<u64> =
-                    self.pending.lock().unwrap_or_else(|e| e.into_inner()).keys().copied().collect();
-                for chunk in pending.chunks(MAX_REQUEST) {
-                    let b: Vec<u8> = chunk.iter().flat_map(|g| g.to_le_bytes()).collect();
-                    send(&mut fw, &b);
-                }
-            }
-            let first = match self.pager.wait_fault(Duration::from_millis(50)) {
-                Ok(Some(gpa)) => gpa,
-                Ok(None) => continue,
-                Err(e) => return self.fail(format!("userfaultfd: {e}")),
-            };
-            req.clear();
-            let mut gpa = Some(first);
-            let now = Instant::now();
-            while let Some(g) = gpa {
-                if self.space.index(g).is_some_and(|i| self.free.get(i)) {
-                    // A free page: zero, here, without asking anyone.
-                    if let Err(e) = self.pager.install_zero(g, PAGE) {
-                        return self.fail(format!("mapping free page {g:#x}: {e}"));
-                    }
-                    self.free_faults.fetch_add(1, Ordering::Relaxed);
-                    gpa = match self.pager.wait_fault(Duration::ZERO) {
-                        Ok(g) => g,
-                        Err(e) => return self.fail(format!("userfaultfd: {e}")),
-                    };
-                    continue;
-                }
-                let fresh = {
-                    let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-                    !self.pager.is_present(g) && p.insert(g, now).is_none()
-                };
-                if fresh {
-                    req.extend_from_slice(&g.to_le_bytes());
-                }
-                if req.len() / 8 >= MAX_REQUEST {
-                    break;
-                }
-                gpa = match self.pager.wait_fault(Duration::ZERO) {
-                    Ok(g) => g,
-                    Err(e) => return self.fail(format!("userfaultfd: {e}")),
-                };
-            }
-            if !req.is_empty() {
-                send(&mut fw, &req);
-            }
+        let opts = pager::faults::Options { poll: Duration::from_millis(50), max_batch: MAX_REQUEST };
+        if let Err(e) = pager::serve(&self.pager, &mut source, &self.free_latencies, opts) {
+            self.fail(format!("userfaultfd: {e}"));
         }
     }
 
@@ -740,15 +691,7 @@ impl Dest {
 
     /// Statistics for the source's report.
     pub fn stats(&self) -> Value {
-        let mut lat = self.latencies_us.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        lat.sort_unstable();
-        let pct = |p: f64| -> f64 {
-            if lat.is_empty() {
-                return 0.0;
-            }
-            let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
-            lat[i] as f64 / 1000.0
-        };
+        let lat = self.latencies.summary();
         let since = |t: Option<Instant>, u: Option<Instant>| match (t, u) {
             (Some(a), Some(b)) => b.duration_since(a).as_secs_f64() * 1000.0,
             _ => 0.0,
@@ -756,7 +699,7 @@ impl Dest {
         let resumed = *self.resumed_at.lock().unwrap_or_else(|e| e.into_inner());
         let completed = *self.completed_at.lock().unwrap_or_else(|e| e.into_inner());
         json!({
-            "faults": lat.len(),
+            "faults": lat.count,
             "requests": self.requests.load(Ordering::Relaxed),
             "push_pages": self.push_pages.load(Ordering::Relaxed),
             "demand_pages": self.demand_pages.load(Ordering::Relaxed),
@@ -764,16 +707,80 @@ impl Dest {
             "free_pages": self.free_pages.load(Ordering::Relaxed),
             "free_faults": self.free_faults.load(Ordering::Relaxed),
             "reconnections": self.reconnections.load(Ordering::Relaxed),
-            "fault_latency_ms": {
-                "count": lat.len(),
-                "p50": pct(0.50), "p90": pct(0.90), "p99": pct(0.99),
-                "max": lat.last().map(|&m| m as f64 / 1000.0).unwrap_or(0.0),
-                "mean": if lat.is_empty() { 0.0 } else { lat.iter().sum::<u64>() as f64 / lat.len() as f64 / 1000.0 },
-            },
+            "fault_latency_ms": lat,
+            "free_fault_latency_ms": self.free_latencies.summary(),
             "resume_to_complete_ms": since(resumed, completed),
             "timeline": self.timeline.lock().unwrap_or_else(|e| e.into_inner())
                 .iter().map(|&(t, ops)| json!([t, ops])).collect::<Vec<_>>(),
         })
+    }
+}
+
+/// The destination's page source for the fault loop: free pages are
+/// zero here (never asked for), every other fault becomes a request on the
+/// demand connection, sent once per batch; the demand reader installs the
+/// answers.
+struct DemandRequests<'a> {
+    dest: &'a Dest,
+    fw: Option<FrameWriter<std::io::BufWriter<TcpStream>>>,
+    req: Vec<u8>,
+}
+
+impl DemandRequests<'_> {
+    fn send(&mut self, req: &[u8]) {
+        if let Some(w) = &mut self.fw {
+            self.dest.requests.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = w.send(Kind::Request, req).and_then(|_| w.flush()) {
+                log::warn!("post-copy: demand connection lost ({e}); faulting vCPUs wait for the source");
+                self.fw = None;
+            }
+        }
+    }
+}
+
+impl pager::PageSource for DemandRequests<'_> {
+    fn answer(&mut self, gpa: u64, _page: &mut [u8]) -> std::io::Result<pager::Answer> {
+        let d = self.dest;
+        if d.space.index(gpa).is_some_and(|i| d.free.get(i)) {
+            d.free_faults.fetch_add(1, Ordering::Relaxed);
+            return Ok(pager::Answer::Zero);
+        }
+        let fresh = {
+            let mut p = d.pending.lock().unwrap_or_else(|e| e.into_inner());
+            !d.pager.is_present(gpa) && p.insert(gpa, Instant::now()).is_none()
+        };
+        if fresh {
+            self.req.extend_from_slice(&gpa.to_le_bytes());
+        }
+        Ok(pager::Answer::Requested)
+    }
+
+    fn end_batch(&mut self) -> std::io::Result<()> {
+        if !self.req.is_empty() {
+            let req = std::mem::take(&mut self.req);
+            self.send(&req);
+            self.req = req;
+            self.req.clear();
+        }
+        Ok(())
+    }
+
+    fn before_wait(&mut self) -> std::io::Result<()> {
+        let new = self.dest.demand_slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(c) = new {
+            self.fw = Some(FrameWriter::new(std::io::BufWriter::new(c)));
+            let pending: Vec<u64> =
+                self.dest.pending.lock().unwrap_or_else(|e| e.into_inner()).keys().copied().collect();
+            for chunk in pending.chunks(MAX_REQUEST) {
+                let b: Vec<u8> = chunk.iter().flat_map(|g| g.to_le_bytes()).collect();
+                self.send(&b);
+            }
+        }
+        Ok(())
+    }
+
+    fn done(&self) -> bool {
+        self.dest.done.load(Ordering::Acquire)
     }
 }
 

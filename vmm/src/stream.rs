@@ -37,6 +37,7 @@ pub struct Streamed {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     pager: Arc<pager::Pager>,
+    latencies: Arc<pager::Latencies>,
 }
 
 /// The streaming machinery of a [`Streamed`] VM, apart from the VM.
@@ -45,13 +46,14 @@ pub struct StreamRest {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     pager: Arc<pager::Pager>,
+    latencies: Arc<pager::Latencies>,
 }
 
 impl Streamed {
     /// Splits the VM (to run) from the machinery (to finish afterwards).
     pub fn into_parts(self) -> (Vm, StreamRest) {
-        let Streamed { vm, session, stop, threads, pager } = self;
-        (vm, StreamRest { session, stop, threads, pager })
+        let Streamed { vm, session, stop, threads, pager, latencies } = self;
+        (vm, StreamRest { session, stop, threads, pager, latencies })
     }
 }
 
@@ -76,6 +78,9 @@ impl StreamRest {
             "client": client,
             "trace": trace,
             "pages_missing": self.pager.missing(),
+            "memory_faults": self.pager.counters.faults.load(Ordering::Relaxed),
+            "zero_pages_mapped": self.pager.counters.zeroed.load(Ordering::Relaxed),
+            "fault_latency_ms": self.latencies.summary(),
         })
     }
 }
@@ -107,13 +112,14 @@ pub fn start(url: &str, name: &str, cache: &Path, serial: SerialOut, cfg: Sessio
     // threads end in `finish`, before the VM's memory is dropped by `main`).
     let pager = Arc::new(unsafe { pager::Pager::register(&pregions) }.map_err(|e| e.to_string())?);
     let stop = Arc::new(AtomicBool::new(false));
+    let latencies = Arc::new(pager::Latencies::default());
     let mut threads = Vec::new();
     for i in 0..FAULT_THREADS {
-        let (p, s, st) = (pager.clone(), session.clone(), stop.clone());
+        let (p, s, st, l) = (pager.clone(), session.clone(), stop.clone(), latencies.clone());
         threads.push(
             std::thread::Builder::new()
                 .name(format!("stream-fault-{i}"))
-                .spawn(move || serve_faults(&p, &s, &st))
+                .spawn(move || serve_faults(&p, &s, &st, &l))
                 .map_err(|e| e.to_string())?,
         );
     }
@@ -152,7 +158,7 @@ pub fn start(url: &str, name: &str, cache: &Path, serial: SerialOut, cfg: Sessio
                 .map_err(|e| e.to_string())?,
         );
     }
-    Ok(Streamed { vm, session, stop, threads, pager })
+    Ok(Streamed { vm, session, stop, threads, pager, latencies })
 }
 
 fn pause_while_buffering(session: &Session, shared: &crate::vm::Shared, stop: &AtomicBool) {
@@ -170,38 +176,44 @@ fn pause_while_buffering(session: &Session, shared: &crate::vm::Shared, stop: &A
     }
 }
 
-fn serve_faults(pager: &pager::Pager, session: &Session, stop: &AtomicBool) {
-    while !stop.load(Ordering::Acquire) && pager.missing() > 0 {
-        let gpa = match pager.wait_fault(Duration::from_millis(50)) {
-            Ok(Some(g)) => g,
-            Ok(None) => continue,
+/// Streamed memory as the fault loop's page source: a page is fetched
+/// through the session (cache, prefetch, or the server), mapped as the zero
+/// page if the appliance says it is zero or free, and retried with a back-off
+/// while the server is unreachable (only the vCPUs that need it wait).
+struct StreamPages<'a> {
+    session: &'a Session,
+    stop: &'a AtomicBool,
+}
+
+impl pager::PageSource for StreamPages<'_> {
+    fn answer(&mut self, gpa: u64, page: &mut [u8]) -> std::io::Result<pager::Answer> {
+        match self.session.read_mem(gpa) {
+            Ok(Some(data)) if data.len() == page.len() => {
+                page.copy_from_slice(&data);
+                Ok(pager::Answer::Data)
+            }
+            Ok(Some(data)) => Err(std::io::Error::other(format!(
+                "chunk of {} bytes for page {gpa:#x} (a page is {} bytes)",
+                data.len(),
+                page.len()
+            ))),
+            Ok(None) => Ok(pager::Answer::Zero),
             Err(e) => {
-                log::error!("stream: userfaultfd: {e}");
-                return;
+                log::warn!("stream: page {gpa:#x}: {e}; retrying");
+                Ok(pager::Answer::Retry)
             }
-        };
-        // Retry until the content arrives (a dead server stalls only the
-        // vCPUs that need it; the rest of the VM runs on).
-        let mut delay = Duration::from_millis(100);
-        loop {
-            let r = match session.read_mem(gpa) {
-                Ok(Some(data)) => pager.install(gpa, &data),
-                Ok(None) => pager.install_zero(gpa, pager::PAGE_SIZE),
-                Err(e) => {
-                    log::warn!("stream: page {gpa:#x}: {e}; retrying in {delay:?}");
-                    if stop.load(Ordering::Acquire) {
-                        return;
-                    }
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                    continue;
-                }
-            };
-            if let Err(e) = r {
-                log::error!("stream: installing page {gpa:#x}: {e}");
-            }
-            break;
         }
+    }
+
+    fn done(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+}
+
+fn serve_faults(pager: &pager::Pager, session: &Session, stop: &AtomicBool, latencies: &pager::Latencies) {
+    let mut source = StreamPages { session, stop };
+    if let Err(e) = pager::serve(pager, &mut source, latencies, pager::faults::Options::default()) {
+        log::error!("stream: serving faults: {e}");
     }
 }
 
