@@ -5,5 +5,23 @@
 //! - [`space`]: guest RAM as a page index space, page bitmaps, content
 //!   digests (the integrity check) and frame ranges.
 
+//! - [`source`] and [`dest`]: post-copy's two ends after the switch-over
+//!   (push rounds and the demand server; the userfaultfd pager, its fault
+//!   loop's page source and the installers).
+//! - [`transport`]: tokens, the interactive demand lane, byte counting.
+//! - [`error`]: the engine's typed errors.
+
+pub mod dest;
+pub mod error;
+pub mod report;
+pub mod source;
 pub mod space;
+pub mod transport;
 pub mod wire;
+
+pub use error::{Error, Result};
+
+/// Pages per pushed `Pages` frame (1 MiB).
+pub const PUSH_BATCH: usize = 256;
+/// Most pages one `Request` frame asks for.
+pub const MAX_REQUEST: usize = 64;

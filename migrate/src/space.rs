@@ -13,6 +13,10 @@ use crate::wire::{self, FrameWriter, Kind, WireError};
 
 /// The page size of guest RAM, of the wire's page records and of the pager.
 pub const PAGE_SIZE: u64 = pager::PAGE_SIZE;
+
+/// Guest RAM as the VMM maps it: `vm-memory` mmap regions with a dirty
+/// bitmap for VMM writes.
+pub type GuestMem = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 /// Ranges per `Zero`/`FreeRanges` frame (1 MiB of payload).
 pub const RANGES_PER_FRAME: usize = 64 * 1024;
 

@@ -7,8 +7,10 @@
 //! - [`bus`], [`devices`]: port I/O and MMIO devices.
 //! - [`testbed`]: the built-in CPL3 testbed guest.
 //! - [`linux`]: the Linux boot protocol (for hardware-KVM hosts).
-//! - [`migration`], [`postcopy`]: live migration (stop-and-copy, pre-copy,
-//!   post-copy, enlightened post-copy) between two VMMs.
+//! - [`migration`]: live migration (stop-and-copy, pre-copy, post-copy,
+//!   enlightened post-copy) between two VMMs; post-copy's two ends are in
+//!   the `migrate` crate ([`migrate::source`], [`migrate::dest`]).
+//! - [`progress`]: the testbed guest's progress for migration timelines.
 //! - [`stream`]: appliances: creating one from a snapshot, streaming a VM from one.
 //! - [`api`]: the control socket.
 //! - [`console`]: stdin to the guest's serial port.
@@ -25,7 +27,7 @@ pub mod error;
 pub mod linux;
 pub mod memory;
 pub mod migration;
-pub mod postcopy;
+pub mod progress;
 pub mod snapshot;
 pub mod stream;
 pub mod testbed;

@@ -24,9 +24,10 @@ use migrate::wire::{self, Channel, FrameReader, Key, Kind};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::memory::{self, GuestMem};
-use crate::postcopy::Dest;
 use crate::snapshot::{SnapshotConfig, SnapshotReader};
+use migrate::dest::Dest;
 use migrate::space::{page_digest, Digests, PageSpace};
+pub use migrate::transport::{Counting, SharedCounting};
 
 /// Byte the destination sends once the VM is restored.
 const ACK: u8 = b'A';
@@ -191,47 +192,7 @@ impl Progress {
     }
     /// A writer that counts into [`Self::bytes`].
     pub fn counting<W: Write>(&self, inner: W) -> SharedCounting<W> {
-        SharedCounting { inner, counter: self.bytes.clone() }
-    }
-}
-
-/// Counts the bytes written through it into a shared counter.
-pub struct SharedCounting<W> {
-    inner: W,
-    counter: Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl<W> SharedCounting<W> {
-    pub fn new(inner: W, counter: Arc<std::sync::atomic::AtomicU64>) -> Self {
-        Self { inner, counter }
-    }
-}
-
-impl<W: Write> Write for SharedCounting<W> {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(b)?;
-        self.counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-/// Counts the bytes written through it.
-pub struct Counting<W> {
-    pub inner: W,
-    pub bytes: u64,
-}
-
-impl<W: Write> Write for Counting<W> {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(b)?;
-        self.bytes += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
+        SharedCounting::new(inner, self.bytes.clone())
     }
 }
 
@@ -282,7 +243,7 @@ impl PostcopyIncoming {
         let PostcopyIncoming { dest, rest, listener, key, .. } = self;
         *dest.resumed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
         let (m, stop, tl) = (mem, dest.sampling_done.clone(), dest.timeline.clone());
-        std::thread::spawn(move || crate::postcopy::sample_progress(m, stop, tl));
+        std::thread::spawn(move || crate::progress::sample_progress(m, stop, tl));
         let main = stream.try_clone().map_err(|e| e.to_string())?;
         let dest2 = dest.clone();
         let d = dest.clone();
@@ -401,7 +362,7 @@ fn accept_demand(listener: &TcpListener, key: &Key, peer: SocketAddr) -> Result<
                 match wire::accept_handshake(&mut s, key, Channel::Demand) {
                     Ok(()) => {
                         let _ = s.set_read_timeout(None);
-                        crate::postcopy::mark_interactive(&s);
+                        migrate::transport::mark_interactive(&s);
                         break Ok(s);
                     }
                     Err(e) => log::warn!("receive: refused a demand connection from {from}: {e}"),
@@ -470,7 +431,9 @@ fn receive_stream(stream: &TcpStream, peer: SocketAddr, listener: &TcpListener, 
                 }
                 Kind::FreeRanges => {
                     let dest = postcopy.as_ref().ok_or("free ranges outside a post-copy migration")?;
-                    dest.0.note_free(&crate::postcopy::decode_ranges(&f.payload, "free ranges")?)?;
+                    dest.0.note_free(
+                        &migrate::space::decode_ranges(&f.payload, "free ranges").map_err(|e| e.to_string())?,
+                    )?;
                 }
                 Kind::Pages => {
                     for (gpa, page) in wire::page_records(&f.payload).map_err(|e| e.to_string())? {

@@ -373,7 +373,7 @@ impl Shared {
             }
             None => None,
         };
-        let mut counting = crate::migration::Counting { inner: fw.get_mut(), bytes: 0 };
+        let mut counting = migrate::transport::Counting { inner: fw.get_mut(), bytes: 0 };
         let final_pages = self.with_snapshot(&mut |snap| {
             let mut include = |ri: usize, p: usize, data: &[u8]| match &mut last {
                 Some(d) => d[ri][p / 64] & (1 << (p % 64)) != 0,
@@ -405,7 +405,7 @@ impl Shared {
             "free_pages_sent": 0,
             "rounds": rounds,
             "timeline": {
-                "epoch_ms": crate::postcopy::unix_ms() - t0.elapsed().as_millis() as u64,
+                "epoch_ms": migrate::report::unix_ms() - t0.elapsed().as_millis() as u64,
                 "source": self.progress_json(),
             },
             "integrity": {
@@ -417,7 +417,7 @@ impl Shared {
         }))
     }
 
-    /// Post-copy and enlightened post-copy, source side (see `postcopy.rs`).
+    /// Post-copy and enlightened post-copy, source side (the push and demand threads are [`migrate::source`]).
     fn migrate_postcopy(
         &self,
         to: &str,
@@ -426,18 +426,18 @@ impl Shared {
         mode: Mode,
         t0: Instant,
     ) -> Result<Value, String> {
-        use crate::postcopy::{self, Round, Source};
+        use migrate::source::{Round, Source};
         use migrate::wire::{Channel, FrameReader, FrameWriter, Kind};
         let io = |e: migrate::wire::WireError| format!("sending: {e}");
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let writer = stream.try_clone().map_err(|e| e.to_string())?;
         let mut fw = FrameWriter::new(std::io::BufWriter::with_capacity(1 << 20, self.migration.counting(writer)));
         fw.send(Kind::Config, &serde_json::to_vec(&self.config).map_err(|e| e.to_string())?).map_err(io)?;
-        let token = crate::postcopy::new_token();
+        let token = migrate::transport::new_token();
         fw.send(Kind::Info, json!({"mode": mode.name(), "token": token}).to_string().as_bytes()).map_err(io)?;
         fw.flush().map_err(io)?;
         let demand = crate::migration::connect_channel(to, key, Channel::Demand)?;
-        postcopy::mark_interactive(&demand);
+        migrate::transport::mark_interactive(&demand);
 
         let source = Arc::new(Source::new(self.mem.clone()));
         let mut enlightenment = None;
@@ -467,11 +467,12 @@ impl Shared {
             let mut free_info = 0;
             if let Some(e) = &enlightenment {
                 let ranges = source.mark_free(e.free_bitmap().free_runs());
-                free_info = postcopy::send_ranges(&mut fw, Kind::FreeRanges, &ranges)?;
+                free_info = migrate::space::send_ranges(&mut fw, Kind::FreeRanges, &ranges)
+                    .map_err(|e| format!("sending FreeRanges: {e}"))?;
             }
             let suspension_ms = ms(t_pause.elapsed());
             fw.send(Kind::Switchover, b"postcopy").map_err(io)?;
-            let mut counting = crate::migration::Counting { inner: fw.get_mut(), bytes: 0 };
+            let mut counting = migrate::transport::Counting { inner: fw.get_mut(), bytes: 0 };
             self.with_snapshot(&mut |snap| {
                 crate::snapshot::write_state_only(&mut counting, snap, &self.mem)
                     .map_err(|e| format!("sending the VM state: {e}"))
@@ -668,7 +669,7 @@ impl Shared {
                 "pages_compared": source.space.pages(),
             },
             "timeline": {
-                "epoch_ms": crate::postcopy::unix_ms() - t0.elapsed().as_millis() as u64,
+                "epoch_ms": migrate::report::unix_ms() - t0.elapsed().as_millis() as u64,
                 "source": self.progress_json(),
                 "destination": dest["timeline"].clone(),
             },
@@ -693,10 +694,10 @@ impl Shared {
         to: &str,
         key: &migrate::wire::Key,
         token: &str,
-        source: &crate::postcopy::Source,
+        source: &migrate::source::Source,
     ) -> Result<
         (
-            migrate::wire::FrameWriter<std::io::BufWriter<crate::migration::SharedCounting<std::net::TcpStream>>>,
+            migrate::wire::FrameWriter<std::io::BufWriter<migrate::transport::SharedCounting<std::net::TcpStream>>>,
             std::net::TcpStream,
             std::net::TcpStream,
             migrate::wire::FrameReader<std::io::BufReader<std::net::TcpStream>>,
@@ -711,7 +712,7 @@ impl Shared {
         fw.send(Kind::Info, json!({"resume": token}).to_string().as_bytes()).map_err(io)?;
         fw.flush().map_err(io)?;
         let demand = crate::migration::connect_channel(to, key, Channel::Demand)?;
-        crate::postcopy::mark_interactive(&demand);
+        migrate::transport::mark_interactive(&demand);
         stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
         let mut fr = FrameReader::new(std::io::BufReader::new(stream.try_clone().map_err(|e| e.to_string())?));
         let info = fr.expect().map_err(io)?;
@@ -723,7 +724,9 @@ impl Shared {
             let f = fr.expect().map_err(io)?;
             match f.kind {
                 Kind::FreeRanges => {
-                    for (pfn, count) in crate::postcopy::decode_ranges(&f.payload, "missing ranges")? {
+                    for (pfn, count) in
+                        migrate::space::decode_ranges(&f.payload, "missing ranges").map_err(|e| e.to_string())?
+                    {
                         for (first, n) in source.space.clip(pfn, count) {
                             for i in first..first + n {
                                 source.sent.clear(i);
@@ -875,7 +878,7 @@ impl Shared {
 
     /// Samples the testbed guest's progress every 100 ms until the VM ends.
     fn sample_progress(&self) {
-        crate::postcopy::every_100ms(|| {
+        migrate::report::every_100ms(|| {
             // While paused (a migration's switch-over) the ring keeps the
             // history before it.
             let st = if self.control.is_paused() { None } else { testbed::read_stats(&self.mem) };
@@ -884,7 +887,7 @@ impl Shared {
                 if p.len() == PROGRESS_SAMPLES {
                     p.pop_front();
                 }
-                p.push_back((crate::postcopy::unix_ms(), st.ops));
+                p.push_back((migrate::report::unix_ms(), st.ops));
             }
             self.control.exit_reason().is_none()
         });

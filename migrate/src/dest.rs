@@ -1,285 +1,25 @@
-//! Post-copy migration: the pieces both ends run after the switch-over.
-//!
-//! The source, VM paused, pushes every page the destination does not have
-//! yet over the main connection, in rounds (address order for simple
-//! post-copy; priority classes, Kernel first, for enlightened post-copy),
-//! while a second thread answers the destination's demand faults over the
-//! second connection, which carries nothing else, so a fault never waits
-//! behind pushed pages (its socket is also marked interactive, so a
-//! priority-aware queue on the path sends it first). Zero pages travel as
-//! ranges (`Zero` frames), free pages (enlightened) as ranges before the
-//! switch-over (`FreeRanges`), and the destination maps both without data.
-//!
-//! The destination registers guest RAM with userfaultfd ([`pager::Pager`])
-//! before anything touches it; a fault thread turns userfaultfd events into
-//! `Request` frames, a reader installs the answers, another installs pushed
-//! pages. Whoever installs first wins; the other learns the page is present.
-//! When no page is missing it unregisters the userfaultfd and acknowledges
-//! with a digest of everything it installed, which the source compares with
-//! its own: the report's `integrity`.
+//! Post-copy's destination side: guest RAM registered with userfaultfd
+//! before anything touches it; the pager's fault loop turns faults into
+//! `Request` frames on the demand connection ([`DemandRequests`]), a reader
+//! installs the answers, another installs pushed pages; free pages are
+//! mapped here as zero pages, never fetched. When no page is missing it
+//! unregisters and acknowledges with the digest of everything installed.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use migrate::space::{
-    is_zero, page_digest, zero_digest, Bits, Digests, PageSpace, PAGE_SIZE as PAGE, RANGES_PER_FRAME,
-};
-use migrate::wire::{self, FrameReader, FrameWriter, Kind};
 use serde_json::{json, Value};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::memory::GuestMem;
-
-/// Pages per pushed `Pages` frame (1 MiB).
-const PUSH_BATCH: usize = 256;
-/// Most pages one `Request` frame asks for.
-const MAX_REQUEST: usize = 64;
-
-/// A random token naming one migration (its reconnections present it).
-pub fn new_token() -> String {
-    let mut b = [0u8; 16];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = f.read_exact(&mut b);
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// Decodes `(first_pfn, count)` ranges ([`migrate::space::decode_ranges`]).
-pub fn decode_ranges(payload: &[u8], what: &'static str) -> Result<Vec<(u64, u64)>, String> {
-    migrate::space::decode_ranges(payload, what).map_err(|e| e.to_string())
-}
-
-/// Sends frame ranges in as few frames as fit ([`migrate::space::send_ranges`]).
-pub fn send_ranges<W: Write>(fw: &mut FrameWriter<W>, kind: Kind, ranges: &[(u64, u64)]) -> Result<u64, String> {
-    migrate::space::send_ranges(fw, kind, ranges).map_err(|e| format!("sending {kind:?}: {e}"))
-}
-
-/// Marks a demand connection interactive: a priority-aware queue on the
-/// path (Linux `pfifo_fast`/`prio` bands, DSCP on a network) sends its
-/// packets before bulk traffic.
-pub fn mark_interactive(s: &TcpStream) {
-    use std::os::fd::AsRawFd;
-    let prio: libc::c_int = 6; // TC_PRIO_INTERACTIVE
-                               // SAFETY: setsockopt with a valid socket and a c_int option value of the
-                               // size given; it does not retain the pointer.
-    let r = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PRIORITY,
-            (&prio as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        log::debug!("SO_PRIORITY on the demand connection: {}", std::io::Error::last_os_error());
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Source.
-// ---------------------------------------------------------------------------
-
-/// One push round: a label and the page indexes it sends, in order.
-pub struct Round {
-    pub name: String,
-    pub class: Option<u32>,
-    pub pages: Vec<u64>,
-}
-
-/// What the source's threads share during post-copy.
-pub struct Source {
-    pub mem: Arc<GuestMem>,
-    pub space: PageSpace,
-    /// Pages the destination has or was sent (data, zero or free).
-    pub sent: Bits,
-    /// Free pages (enlightened); never sent as data.
-    pub free: Bits,
-    pub digests: Digests,
-    pub demand_requests: AtomicU64,
-    pub demand_pages: AtomicU64,
-    pub demand_bytes: AtomicU64,
-    /// Demand pages that had been pushed already (in flight or queued).
-    pub demand_duplicates: AtomicU64,
-    pub free_pages_sent: AtomicU64,
-}
-
-impl Source {
-    pub fn new(mem: Arc<GuestMem>) -> Self {
-        let space = PageSpace::of(&*mem);
-        let n = space.pages();
-        Self {
-            mem,
-            space,
-            sent: Bits::new(n),
-            free: Bits::new(n),
-            digests: Digests::new(n),
-            demand_requests: AtomicU64::new(0),
-            demand_pages: AtomicU64::new(0),
-            demand_bytes: AtomicU64::new(0),
-            demand_duplicates: AtomicU64::new(0),
-            free_pages_sent: AtomicU64::new(0),
-        }
-    }
-
-    /// Marks the free frames (runs of pfns) and returns the ranges clipped to RAM.
-    pub fn mark_free(&self, runs: impl Iterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
-        let mut out = Vec::new();
-        for (pfn, count) in runs {
-            for (first, n) in self.space.clip(pfn, count) {
-                for i in first..first + n {
-                    self.free.set(i);
-                    self.sent.set(i);
-                }
-                out.push((self.space.gpa(first) / PAGE, n));
-            }
-        }
-        out
-    }
-
-    fn read(&self, idx: u64, buf: &mut [u8]) -> Result<u64, String> {
-        let gpa = self.space.gpa(idx);
-        self.mem.read_slice(buf, GuestAddress(gpa)).map_err(|e| format!("reading page {gpa:#x}: {e}"))?;
-        Ok(gpa)
-    }
-
-    /// Answers demand requests on `conn` until it closes. Runs on its own thread.
-    pub fn serve_demand(&self, conn: TcpStream, progress: Arc<AtomicU64>) -> Result<(), String> {
-        let mut fr = FrameReader::new(std::io::BufReader::new(conn.try_clone().map_err(|e| e.to_string())?));
-        let conn = crate::migration::SharedCounting::new(conn, progress);
-        let mut fw = FrameWriter::new(std::io::BufWriter::with_capacity(MAX_REQUEST * wire::PAGE_RECORD + 64, conn));
-        let mut out = Vec::with_capacity(MAX_REQUEST * wire::PAGE_RECORD);
-        let mut page = vec![0u8; PAGE as usize];
-        loop {
-            let f = match fr.recv() {
-                Ok(Some(f)) => f,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(format!("demand connection: {e}")),
-            };
-            match f.kind {
-                Kind::Request => {
-                    let gpas = wire::u64s(&f.payload, "request").map_err(|e| e.to_string())?;
-                    if gpas.is_empty() || gpas.len() > MAX_REQUEST {
-                        return Err(format!("a request for {} pages", gpas.len()));
-                    }
-                    self.demand_requests.fetch_add(1, Ordering::Relaxed);
-                    out.clear();
-                    for gpa in gpas {
-                        let idx = self.space.index(gpa).ok_or_else(|| format!("request for {gpa:#x}, not RAM"))?;
-                        self.read(idx, &mut page)?;
-                        self.digests.set(idx, page_digest(&page));
-                        if self.free.get(idx) {
-                            self.free_pages_sent.fetch_add(1, Ordering::Relaxed);
-                        }
-                        if !self.sent.set(idx) {
-                            self.demand_duplicates.fetch_add(1, Ordering::Relaxed);
-                        }
-                        out.extend_from_slice(&gpa.to_le_bytes());
-                        out.extend_from_slice(&page);
-                        self.demand_pages.fetch_add(1, Ordering::Relaxed);
-                    }
-                    let before = fw.bytes;
-                    fw.send(Kind::Pages, &out).map_err(|e| format!("demand connection: {e}"))?;
-                    fw.flush().map_err(|e| format!("demand connection: {e}"))?;
-                    self.demand_bytes.fetch_add(fw.bytes - before, Ordering::Relaxed);
-                }
-                Kind::Abort => return Err(format!("the destination aborted: {}", String::from_utf8_lossy(&f.payload))),
-                other => return Err(format!("unexpected {other:?} frame on the demand connection")),
-            }
-        }
-    }
-
-    /// Pushes the rounds over `fw`; returns per-round reports.
-    pub fn push<W: Write>(&self, rounds: &[Round], fw: &mut FrameWriter<W>, t0: Instant) -> Result<Value, String> {
-        let io = |e: wire::WireError| format!("pushing pages: {e}");
-        let mut reports = Vec::new();
-        let mut batch: Vec<u8> = Vec::with_capacity(PUSH_BATCH * wire::PAGE_RECORD);
-        let mut page = vec![0u8; PAGE as usize];
-        for (ri, round) in rounds.iter().enumerate() {
-            let t = Instant::now();
-            let start_ms = t0.elapsed().as_secs_f64() * 1000.0;
-            let before = fw.bytes;
-            let mut hdr = Vec::with_capacity(8);
-            hdr.extend_from_slice(&(ri as u32).to_le_bytes());
-            hdr.extend_from_slice(&round.class.unwrap_or(u32::MAX).to_le_bytes());
-            fw.send(Kind::Round, &hdr).map_err(io)?;
-            let (mut data, mut zero, mut skipped) = (0u64, 0u64, 0u64);
-            let mut zeros: Vec<(u64, u64)> = Vec::new();
-            for &idx in &round.pages {
-                if self.sent.get(idx) {
-                    skipped += 1;
-                    continue;
-                }
-                let gpa = self.read(idx, &mut page)?;
-                if is_zero(&page) {
-                    self.digests.set(idx, zero_digest());
-                    self.sent.set(idx);
-                    let pfn = gpa / PAGE;
-                    match zeros.last_mut() {
-                        Some((a, n)) if *a + *n == pfn => *n += 1,
-                        _ => zeros.push((pfn, 1)),
-                    }
-                    zero += 1;
-                    if zeros.len() >= RANGES_PER_FRAME {
-                        send_ranges(fw, Kind::Zero, &zeros)?;
-                        zeros.clear();
-                    }
-                    continue;
-                }
-                self.digests.set(idx, page_digest(&page));
-                if self.free.get(idx) {
-                    self.free_pages_sent.fetch_add(1, Ordering::Relaxed);
-                }
-                self.sent.set(idx);
-                batch.extend_from_slice(&gpa.to_le_bytes());
-                batch.extend_from_slice(&page);
-                data += 1;
-                if batch.len() >= PUSH_BATCH * wire::PAGE_RECORD {
-                    fw.send(Kind::Pages, &batch).map_err(io)?;
-                    batch.clear();
-                }
-            }
-            if !batch.is_empty() {
-                fw.send(Kind::Pages, &batch).map_err(io)?;
-                batch.clear();
-            }
-            if !zeros.is_empty() {
-                send_ranges(fw, Kind::Zero, &zeros)?;
-            }
-            fw.flush().map_err(io)?;
-            let ms = t.elapsed().as_secs_f64() * 1000.0;
-            log::info!(
-                "post-copy round {ri} ({}): {data} pages, {zero} zero, {skipped} already there, {:.0} ms",
-                round.name,
-                ms
-            );
-            reports.push(json!({
-                "round": ri, "name": round.name, "pages": round.pages.len(), "data_pages": data,
-                "zero_pages": zero, "skipped": skipped, "bytes": fw.bytes - before,
-                "start_ms": start_ms, "ms": ms,
-            }));
-        }
-        Ok(Value::Array(reports))
-    }
-
-    /// The source's digest summary (valid once every page was sent).
-    pub fn summary(&self) -> [u8; 32] {
-        self.digests.summary()
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Destination.
-// ---------------------------------------------------------------------------
-
-/// A main connection: its frame reader (positioned after the frames read so
-/// far), a handle to write on, and the sequence number of the next frame
-/// written on it.
-pub type MainConn = (FrameReader<Box<dyn Read + Send>>, TcpStream, u64);
+use crate::error::{Error, Result};
+use crate::space::{decode_ranges, page_digest, send_ranges, zero_digest, Bits, Digests, PageSpace, PAGE_SIZE as PAGE};
+pub use crate::transport::MainConn;
+use crate::wire::{self, FrameReader, FrameWriter, Kind};
+use crate::MAX_REQUEST;
 
 /// What the destination's threads share during post-copy.
 pub struct Dest {
@@ -326,7 +66,7 @@ pub struct Dest {
 
 impl Dest {
     /// Registers all of `mem` with userfaultfd. Nothing may have touched it.
-    pub fn register(mem: &GuestMem) -> Result<Self, String> {
+    pub fn register<M: GuestMemoryBackend>(mem: &M) -> Result<Self> {
         let mut regions = Vec::new();
         for r in mem.iter() {
             let host = mem.get_host_address(r.start_addr()).map_err(|e| format!("guest memory: {e}"))?;
@@ -384,11 +124,11 @@ impl Dest {
     /// Notes free `(first_pfn, count)` ranges (before the switch-over).
     /// Mapping 1.6 GiB of zero pages takes ~100 ms, which must not count as
     /// downtime: they are mapped when faulted, or in the background.
-    pub fn note_free(&self, ranges: &[(u64, u64)]) -> Result<(), String> {
+    pub fn note_free(&self, ranges: &[(u64, u64)]) -> Result<()> {
         for &(pfn, count) in ranges {
             let clipped = self.space.clip(pfn, count);
             if clipped.iter().map(|c| c.1).sum::<u64>() != count {
-                return Err(format!("range of {count} pages at frame {pfn:#x} is not all RAM"));
+                return Err(Error::from(format!("range of {count} pages at frame {pfn:#x} is not all RAM")));
             }
             for (first, n) in clipped {
                 for i in first..first + n {
@@ -420,12 +160,12 @@ impl Dest {
     }
 
     /// Maps `(first_pfn, count)` ranges as zero (free or zero pages).
-    pub fn install_ranges(&self, ranges: &[(u64, u64)], free: bool) -> Result<(), String> {
+    pub fn install_ranges(&self, ranges: &[(u64, u64)], free: bool) -> Result<()> {
         for &(pfn, count) in ranges {
             let clipped = self.space.clip(pfn, count);
             let total: u64 = clipped.iter().map(|c| c.1).sum();
             if total != count {
-                return Err(format!("range of {count} pages at frame {pfn:#x} is not all RAM"));
+                return Err(Error::from(format!("range of {count} pages at frame {pfn:#x} is not all RAM")));
             }
             for (first, n) in clipped {
                 let gpa = self.space.gpa(first);
@@ -462,7 +202,7 @@ impl Dest {
     }
 
     /// Installs the pages of a `Pages` payload.
-    fn install_pages(&self, payload: &[u8], demand: bool) -> Result<(), String> {
+    fn install_pages(&self, payload: &[u8], demand: bool) -> Result<()> {
         for (gpa, data) in wire::page_records(payload).map_err(|e| e.to_string())? {
             let idx = self.space.index(gpa).ok_or_else(|| format!("page {gpa:#x} is not RAM"))?;
             let d = page_digest(data);
@@ -502,7 +242,7 @@ impl Dest {
             match fr.recv() {
                 Ok(Some(f)) if f.kind == Kind::Pages => {
                     if let Err(e) = self.install_pages(&f.payload, true) {
-                        return self.fail(e);
+                        return self.fail(e.to_string());
                     }
                 }
                 Ok(Some(f)) => return self.fail(format!("unexpected {:?} frame on the demand connection", f.kind)),
@@ -520,7 +260,7 @@ impl Dest {
     /// Reads pushed pages until `Complete`, waits for the last demand
     /// answers, unregisters the userfaultfd and acknowledges with the
     /// integrity digest and the destination's statistics.
-    pub fn main_reader(&self, conn: MainConn) -> Result<(), String> {
+    pub fn main_reader(&self, conn: MainConn) -> Result<()> {
         let (mut fr, mut main, mut wseq) = conn;
         loop {
             match self.read_pushed(&mut fr) {
@@ -543,10 +283,13 @@ impl Dest {
         let deadline = Instant::now() + Duration::from_secs(60);
         while self.pager.missing() > 0 {
             if let Some(e) = self.failed.lock().unwrap_or_else(|p| p.into_inner()).clone() {
-                return Err(e);
+                return Err(Error::Protocol(e));
             }
             if Instant::now() > deadline {
-                return Err(format!("{} pages still missing after the source completed", self.pager.missing()));
+                return Err(Error::from(format!(
+                    "{} pages still missing after the source completed",
+                    self.pager.missing()
+                )));
             }
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -571,7 +314,7 @@ impl Dest {
         Ok(())
     }
 
-    fn read_pushed(&self, fr: &mut FrameReader<Box<dyn Read + Send>>) -> Result<(), String> {
+    fn read_pushed(&self, fr: &mut FrameReader<Box<dyn Read + Send>>) -> Result<()> {
         loop {
             let f = fr.expect().map_err(|e| format!("{e}"))?;
             match f.kind {
@@ -579,8 +322,13 @@ impl Dest {
                 Kind::Zero => self.install_ranges(&decode_ranges(&f.payload, "zero")?, false)?,
                 Kind::Round => log::debug!("post-copy: round {:?}", &f.payload),
                 Kind::Complete => return Ok(()),
-                Kind::Abort => return Err(format!("the source aborted: {}", String::from_utf8_lossy(&f.payload))),
-                other => return Err(format!("unexpected {other:?} frame during post-copy")),
+                Kind::Abort => {
+                    return Err(Error::Aborted {
+                        by: "source",
+                        reason: String::from_utf8_lossy(&f.payload).into_owned(),
+                    })
+                }
+                other => return Err(Error::from(format!("unexpected {other:?} frame during post-copy"))),
             }
         }
     }
@@ -616,7 +364,7 @@ impl Dest {
         mut fr: FrameReader<Box<dyn Read + Send>>,
         main: TcpStream,
         demand: TcpStream,
-    ) -> Result<(), String> {
+    ) -> Result<()> {
         let missing = self.missing_ranges();
         let n: u64 = missing.iter().map(|r| r.1).sum();
         let mut w = main.try_clone().map_err(|e| e.to_string())?;
@@ -782,34 +530,4 @@ impl pager::PageSource for DemandRequests<'_> {
     fn done(&self) -> bool {
         self.dest.done.load(Ordering::Acquire)
     }
-}
-
-/// Milliseconds since the Unix epoch (timelines of both hosts share it).
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-/// Calls `tick` every 100 ms (on a steady schedule) until it returns false.
-pub fn every_100ms(mut tick: impl FnMut() -> bool) {
-    let mut next = Instant::now();
-    while tick() {
-        next += Duration::from_millis(100);
-        let now = Instant::now();
-        if next > now {
-            std::thread::sleep(next - now);
-        } else {
-            next = now;
-        }
-    }
-}
-
-/// Samples the testbed guest's completed operations every 100 ms into
-/// `out` until `stop` is set.
-pub fn sample_progress(mem: Arc<GuestMem>, stop: Arc<AtomicBool>, out: Arc<Mutex<Vec<(u64, u64)>>>) {
-    every_100ms(|| {
-        if let Some(s) = crate::testbed::read_stats(&mem) {
-            out.lock().unwrap_or_else(|e| e.into_inner()).push((unix_ms(), s.ops));
-        }
-        !stop.load(Ordering::Acquire)
-    });
 }
