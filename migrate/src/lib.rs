@@ -4,19 +4,26 @@
 //! - [`wire`]: the authenticated, framed protocol between source and destination.
 //! - [`space`]: guest RAM as a page index space, page bitmaps, content
 //!   digests (the integrity check) and frame ranges.
-
-//! - [`source`] and [`dest`]: post-copy's two ends after the switch-over
+//! - [`vm`]: what the engine needs from a VM ([`vm::MigratableVm`]).
+//! - [`policy`]: what to send next (pre-copy convergence, post-copy rounds).
+//! - [`source`]: a migration from the source side, in every mode.
+//! - [`push`] and [`dest`]: post-copy's two ends after the switch-over
 //!   (push rounds and the demand server; the userfaultfd pager, its fault
 //!   loop's page source and the installers).
+//! - [`progress`]: the migration a VM is in, its phase and cancellation.
 //! - [`transport`]: tokens, the interactive demand lane, byte counting.
 //! - [`error`]: the engine's typed errors.
 
 pub mod dest;
 pub mod error;
+pub mod policy;
+pub mod progress;
+pub mod push;
 pub mod report;
 pub mod source;
 pub mod space;
 pub mod transport;
+pub mod vm;
 pub mod wire;
 
 pub use error::{Error, Result};

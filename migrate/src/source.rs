@@ -1,214 +1,577 @@
-//! Post-copy's source side: pushing pages in rounds over the main
-//! connection while a second thread answers demand requests on the demand
-//! connection (see [`crate::dest`] for the other end).
+//! The source side of a migration, for every mode: [`migrate`].
+//!
+//! - Stop-and-copy: `Config`, pause, `Switchover`, the state with every
+//!   non-zero page, then the destination's confirmation with the digest of
+//!   what it received.
+//! - Pre-copy: the same after copy rounds over a running VM with dirty
+//!   logging on, until [`Precopy::converged`]; the stop-and-copy then sends
+//!   only the pages dirtied since the last round.
+//! - Post-copy (simple and enlightened): `Config` and `Info` (mode, resume
+//!   token), a second authenticated connection for demand requests, for
+//!   enlightened post-copy the guest's maps, pause, `FreeRanges`, the state
+//!   without pages, the destination's confirmation, `Go` (the commit), then
+//!   the push rounds of [`policy::rounds`] while [`Source::serve_demand`]
+//!   answers faults, until the destination acknowledges every page. A broken
+//!   link is re-established for as long as it takes: after `Go` this VMM holds
+//!   the only copy of the pages the destination still lacks.
+//!
+//! The VM is reached only through [`MigratableVm`].
 
-use std::io::Write;
-use std::net::TcpStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::{BufReader, BufWriter};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::error::{Error, Result};
-use crate::space::{
-    is_zero, page_digest, send_ranges, zero_digest, Bits, Digests, GuestMem, PageSpace, PAGE_SIZE as PAGE,
-    RANGES_PER_FRAME,
-};
-use crate::transport::SharedCounting;
-use crate::wire::{self, FrameReader, FrameWriter, Kind};
-use crate::{MAX_REQUEST, PUSH_BATCH};
+use crate::policy::{self, GuestMaps, Precopy, Round, RoundStats};
+use crate::progress::Mode;
+use crate::push::Source;
+use crate::space::{self, Digests, PageSpace, PAGE_SIZE};
+use crate::transport::{self, Counting, SharedCounting};
+use crate::vm::MigratableVm;
+use crate::wire::{self, Channel, FrameReader, FrameWriter, Key, Kind};
+use crate::PUSH_BATCH;
 
-/// One push round: a label and the page indexes it sends, in order.
-pub struct Round {
-    pub name: String,
-    pub class: Option<u32>,
-    pub pages: Vec<u64>,
+type Writer = FrameWriter<BufWriter<SharedCounting<TcpStream>>>;
+type Reader = FrameReader<BufReader<TcpStream>>;
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
-/// What the source's threads share during post-copy.
-pub struct Source {
-    pub mem: Arc<GuestMem>,
-    pub space: PageSpace,
-    /// Pages the destination has or was sent (data, zero or free).
-    pub sent: Bits,
-    /// Free pages (enlightened); never sent as data.
-    pub free: Bits,
-    pub digests: Digests,
-    pub demand_requests: AtomicU64,
-    pub demand_pages: AtomicU64,
-    pub demand_bytes: AtomicU64,
-    /// Demand pages that had been pushed already (in flight or queued).
-    pub demand_duplicates: AtomicU64,
-    pub free_pages_sent: AtomicU64,
+fn sending(e: wire::WireError) -> Error {
+    Error::Protocol(format!("sending: {e}"))
 }
 
-impl Source {
-    pub fn new(mem: Arc<GuestMem>) -> Self {
-        let space = PageSpace::of(&*mem);
-        let n = space.pages();
-        Self {
-            mem,
-            space,
-            sent: Bits::new(n),
-            free: Bits::new(n),
-            digests: Digests::new(n),
-            demand_requests: AtomicU64::new(0),
-            demand_pages: AtomicU64::new(0),
-            demand_bytes: AtomicU64::new(0),
-            demand_duplicates: AtomicU64::new(0),
-            free_pages_sent: AtomicU64::new(0),
+fn writer(vm: &dyn MigratableVm, stream: &TcpStream) -> Result<Writer> {
+    let s = stream.try_clone().map_err(|e| e.to_string())?;
+    Ok(FrameWriter::new(BufWriter::with_capacity(1 << 20, vm.status().counting(s))))
+}
+
+fn check_running(vm: &dyn MigratableVm) -> Result<()> {
+    vm.status().check()?;
+    match vm.ended() {
+        Some(r) => Err(Error::from(format!("the VM ended during the migration ({r})"))),
+        None => Ok(()),
+    }
+}
+
+/// Migrates `vm` to the destination `to` (host:port) in `mode`. On success
+/// the VM runs there, [`MigratableVm::migrated`] was called and the report
+/// is returned; on failure before the commit the VM keeps running here.
+pub fn migrate(vm: &dyn MigratableVm, to: &str, key: &Key, mode: Mode) -> Result<Value> {
+    let status = vm.status();
+    if status.json().is_some() {
+        return Err(Error::from("a migration is already in progress"));
+    }
+    if status.committed.load(Ordering::Acquire) {
+        return Err(Error::from("this VM was already migrated: it runs at the destination"));
+    }
+    status.start(mode);
+    let t0 = Instant::now();
+    let r = transport::connect(to, key).and_then(|stream| match mode {
+        Mode::Postcopy | Mode::Enlightened => postcopy(vm, to, key, stream, mode, t0),
+        Mode::StopAndCopy | Mode::Precopy => copy(vm, to, &stream, mode, t0),
+    });
+    status.end();
+    r
+}
+
+/// Stop-and-copy and pre-copy.
+fn copy(vm: &dyn MigratableVm, to: &str, stream: &TcpStream, mode: Mode, t0: Instant) -> Result<Value> {
+    let mut paused_here = false;
+    let mut logging = false;
+    let result = copy_over(vm, stream, mode, t0, &mut paused_here, &mut logging);
+    if logging {
+        if let Err(e) = vm.set_dirty_log(false) {
+            log::warn!("cannot turn dirty logging off: {e}");
         }
     }
-
-    /// Marks the free frames (runs of pfns) and returns the ranges clipped to RAM.
-    pub fn mark_free(&self, runs: impl Iterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
-        let mut out = Vec::new();
-        for (pfn, count) in runs {
-            for (first, n) in self.space.clip(pfn, count) {
-                for i in first..first + n {
-                    self.free.set(i);
-                    self.sent.set(i);
-                }
-                out.push((self.space.gpa(first) / PAGE, n));
+    match result {
+        Ok(report) => {
+            log::info!("migrated to {to}: {report}");
+            // The VM stays paused here; it ends once the reply is out.
+            vm.migrated();
+            Ok(report)
+        }
+        Err(e) => {
+            if paused_here {
+                vm.resume();
             }
-        }
-        out
-    }
-
-    fn read(&self, idx: u64, buf: &mut [u8]) -> Result<u64> {
-        let gpa = self.space.gpa(idx);
-        self.mem.read_slice(buf, GuestAddress(gpa)).map_err(|e| format!("reading page {gpa:#x}: {e}"))?;
-        Ok(gpa)
-    }
-
-    /// Answers demand requests on `conn` until it closes. Runs on its own thread.
-    pub fn serve_demand(&self, conn: TcpStream, progress: Arc<AtomicU64>) -> Result<()> {
-        let mut fr = FrameReader::new(std::io::BufReader::new(conn.try_clone().map_err(|e| e.to_string())?));
-        let conn = SharedCounting::new(conn, progress);
-        let mut fw = FrameWriter::new(std::io::BufWriter::with_capacity(MAX_REQUEST * wire::PAGE_RECORD + 64, conn));
-        let mut out = Vec::with_capacity(MAX_REQUEST * wire::PAGE_RECORD);
-        let mut page = vec![0u8; PAGE as usize];
-        loop {
-            let f = match fr.recv() {
-                Ok(Some(f)) => f,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(Error::from(format!("demand connection: {e}"))),
-            };
-            match f.kind {
-                Kind::Request => {
-                    let gpas = wire::u64s(&f.payload, "request").map_err(|e| e.to_string())?;
-                    if gpas.is_empty() || gpas.len() > MAX_REQUEST {
-                        return Err(Error::from(format!("a request for {} pages", gpas.len())));
-                    }
-                    self.demand_requests.fetch_add(1, Ordering::Relaxed);
-                    out.clear();
-                    for gpa in gpas {
-                        let idx = self.space.index(gpa).ok_or_else(|| format!("request for {gpa:#x}, not RAM"))?;
-                        self.read(idx, &mut page)?;
-                        self.digests.set(idx, page_digest(&page));
-                        if self.free.get(idx) {
-                            self.free_pages_sent.fetch_add(1, Ordering::Relaxed);
-                        }
-                        if !self.sent.set(idx) {
-                            self.demand_duplicates.fetch_add(1, Ordering::Relaxed);
-                        }
-                        out.extend_from_slice(&gpa.to_le_bytes());
-                        out.extend_from_slice(&page);
-                        self.demand_pages.fetch_add(1, Ordering::Relaxed);
-                    }
-                    let before = fw.bytes;
-                    fw.send(Kind::Pages, &out).map_err(|e| format!("demand connection: {e}"))?;
-                    fw.flush().map_err(|e| format!("demand connection: {e}"))?;
-                    self.demand_bytes.fetch_add(fw.bytes - before, Ordering::Relaxed);
-                }
-                Kind::Abort => {
-                    return Err(Error::Aborted {
-                        by: "destination",
-                        reason: String::from_utf8_lossy(&f.payload).into_owned(),
-                    })
-                }
-                other => return Err(Error::from(format!("unexpected {other:?} frame on the demand connection"))),
-            }
+            log::error!("migration to {to} failed; the VM keeps running here: {e}");
+            Err(e)
         }
     }
+}
 
-    /// Pushes the rounds over `fw`; returns per-round reports.
-    pub fn push<W: Write>(&self, rounds: &[Round], fw: &mut FrameWriter<W>, t0: Instant) -> Result<Value> {
-        let io = |e: wire::WireError| format!("pushing pages: {e}");
-        let mut reports = Vec::new();
-        let mut batch: Vec<u8> = Vec::with_capacity(PUSH_BATCH * wire::PAGE_RECORD);
-        let mut page = vec![0u8; PAGE as usize];
-        for (ri, round) in rounds.iter().enumerate() {
-            let t = Instant::now();
-            let start_ms = t0.elapsed().as_secs_f64() * 1000.0;
-            let before = fw.bytes;
-            let mut hdr = Vec::with_capacity(8);
-            hdr.extend_from_slice(&(ri as u32).to_le_bytes());
-            hdr.extend_from_slice(&round.class.unwrap_or(u32::MAX).to_le_bytes());
-            fw.send(Kind::Round, &hdr).map_err(io)?;
-            let (mut data, mut zero, mut skipped) = (0u64, 0u64, 0u64);
-            let mut zeros: Vec<(u64, u64)> = Vec::new();
-            for &idx in &round.pages {
-                if self.sent.get(idx) {
-                    skipped += 1;
+/// Pre-copy's rounds over the running VM: returns the round reports and the
+/// pages dirtied during the last round (one bitmap per region).
+fn precopy_rounds(vm: &dyn MigratableVm, fw: &mut Writer, t0: Instant) -> Result<(Vec<Value>, Vec<Vec<u64>>)> {
+    let policy = Precopy::default();
+    let mem = vm.memory();
+    let regions: Vec<(u64, usize)> = mem.iter().map(|r| (r.start_addr().raw_value(), r.len() as usize)).collect();
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    let mut batch: Vec<u8> = Vec::with_capacity(PUSH_BATCH * wire::PAGE_RECORD);
+    let mut rounds = Vec::new();
+    let mut dirty: Option<Vec<Vec<u64>>> = None;
+    for round in 0.. {
+        check_running(vm)?;
+        vm.status().set(Mode::Precopy, &format!("pre-copy round {round}"));
+        let t = Instant::now();
+        let before = fw.bytes;
+        let mut sent = 0u64;
+        for (ri, &(base, len)) in regions.iter().enumerate() {
+            for p in 0..len / PAGE_SIZE as usize {
+                if let Some(d) = &dirty {
+                    if d[ri][p / 64] & (1 << (p % 64)) == 0 {
+                        continue;
+                    }
+                }
+                let gpa = base + p as u64 * PAGE_SIZE;
+                mem.read_slice(&mut page, GuestAddress(gpa)).map_err(|e| Error::Memory(e.to_string()))?;
+                // Round 0 sends every page that is not zero.
+                if dirty.is_none() && space::is_zero(&page) {
                     continue;
                 }
-                let gpa = self.read(idx, &mut page)?;
-                if is_zero(&page) {
-                    self.digests.set(idx, zero_digest());
-                    self.sent.set(idx);
-                    let pfn = gpa / PAGE;
-                    match zeros.last_mut() {
-                        Some((a, n)) if *a + *n == pfn => *n += 1,
-                        _ => zeros.push((pfn, 1)),
-                    }
-                    zero += 1;
-                    if zeros.len() >= RANGES_PER_FRAME {
-                        send_ranges(fw, Kind::Zero, &zeros)?;
-                        zeros.clear();
-                    }
-                    continue;
-                }
-                self.digests.set(idx, page_digest(&page));
-                if self.free.get(idx) {
-                    self.free_pages_sent.fetch_add(1, Ordering::Relaxed);
-                }
-                self.sent.set(idx);
                 batch.extend_from_slice(&gpa.to_le_bytes());
                 batch.extend_from_slice(&page);
-                data += 1;
+                sent += 1;
                 if batch.len() >= PUSH_BATCH * wire::PAGE_RECORD {
-                    fw.send(Kind::Pages, &batch).map_err(io)?;
+                    vm.status().check()?;
+                    fw.send(Kind::Pages, &batch).map_err(sending)?;
                     batch.clear();
                 }
             }
-            if !batch.is_empty() {
-                fw.send(Kind::Pages, &batch).map_err(io)?;
-                batch.clear();
-            }
-            if !zeros.is_empty() {
-                send_ranges(fw, Kind::Zero, &zeros)?;
-            }
-            fw.flush().map_err(io)?;
-            let ms = t.elapsed().as_secs_f64() * 1000.0;
-            log::info!(
-                "post-copy round {ri} ({}): {data} pages, {zero} zero, {skipped} already there, {:.0} ms",
-                round.name,
-                ms
-            );
-            reports.push(json!({
-                "round": ri, "name": round.name, "pages": round.pages.len(), "data_pages": data,
-                "zero_pages": zero, "skipped": skipped, "bytes": fw.bytes - before,
-                "start_ms": start_ms, "ms": ms,
-            }));
         }
-        Ok(Value::Array(reports))
+        if !batch.is_empty() {
+            fw.send(Kind::Pages, &batch).map_err(sending)?;
+            batch.clear();
+        }
+        fw.flush().map_err(sending)?;
+        let d = vm.take_dirty()?;
+        let stats = RoundStats {
+            round,
+            bytes: fw.bytes - before,
+            secs: t.elapsed().as_secs_f64(),
+            dirty_pages: d.iter().flatten().map(|w| w.count_ones() as u64).sum(),
+        };
+        rounds.push(json!({
+            "round": round, "pages": sent, "bytes": stats.bytes, "ms": stats.secs * 1000.0,
+            "dirty_after": stats.dirty_pages, "expected_downtime_ms": stats.expected_downtime_ms(),
+        }));
+        log::info!(
+            "pre-copy round {round}: {sent} pages in {:.0} ms, {} dirty",
+            stats.secs * 1000.0,
+            stats.dirty_pages
+        );
+        dirty = Some(d);
+        if policy.converged(&stats, t0.elapsed()) {
+            break;
+        }
+    }
+    Ok((rounds, dirty.unwrap_or_default()))
+}
+
+/// Stop-and-copy's switch-over, after pre-copy's rounds if any.
+fn copy_over(
+    vm: &dyn MigratableVm,
+    stream: &TcpStream,
+    mode: Mode,
+    t0: Instant,
+    paused_here: &mut bool,
+    logging: &mut bool,
+) -> Result<Value> {
+    let mut fw = writer(vm, stream)?;
+    fw.send(Kind::Config, &vm.config()?).map_err(sending)?;
+    let (rounds, mut last) = if mode == Mode::Precopy {
+        vm.set_dirty_log(true)?;
+        *logging = true;
+        vm.take_dirty()?; // start from a clean log
+        let (rounds, dirty) = precopy_rounds(vm, &mut fw, t0)?;
+        (rounds, Some(dirty))
+    } else {
+        (Vec::new(), None)
+    };
+    let precopy_bytes = fw.bytes;
+
+    // Switch over: pause, send the state and the remaining pages.
+    check_running(vm)?;
+    vm.status().set(mode, "stop-and-copy");
+    *paused_here = vm.pause()?;
+    let t_pause = Instant::now();
+    vm.sync_disks()?;
+    fw.send(Kind::Switchover, &[]).map_err(sending)?;
+    if let Some(d) = &mut last {
+        for (a, b) in d.iter_mut().zip(vm.take_dirty()?) {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x |= y;
+            }
+        }
+    }
+    let mut counting = Counting { inner: fw.get_mut(), bytes: 0 };
+    let mut include = |ri: usize, p: usize, data: &[u8]| match &last {
+        Some(d) => d[ri][p / 64] & (1 << (p % 64)) != 0,
+        None => !space::is_zero(data),
+    };
+    let final_pages = vm.write_state(&mut counting, Some(&mut include))?;
+    let final_bytes = counting.bytes;
+    fw.flush().map_err(sending)?;
+    let dest_digest = transport::await_confirmation(stream)?;
+    let downtime = ms(t_pause.elapsed());
+    let total = ms(t0.elapsed());
+    // The VM is still paused here: its memory is the memory at suspension.
+    let src_digest = Digests::of_memory(&**vm.memory()).summary();
+    let integrity_ok = src_digest == dest_digest;
+    if !integrity_ok {
+        log::error!("migration: destination memory differs from the source's at suspension");
+    }
+    let execution_transfer = if mode == Mode::Precopy { total } else { downtime };
+    Ok(json!({
+        "mode": mode.name(),
+        "to": stream.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+        "downtime_ms": downtime,
+        "execution_transfer_ms": execution_transfer,
+        "total_duration_ms": total,
+        "bytes": {"precopy": precopy_bytes, "stop_and_copy": final_bytes},
+        "pages_at_switchover": final_pages,
+        "free_pages_sent": 0,
+        "rounds": rounds,
+        "timeline": {
+            "epoch_ms": crate::report::unix_ms() - t0.elapsed().as_millis() as u64,
+            "source": vm.progress(),
+        },
+        "integrity": integrity(src_digest, dest_digest, PageSpace::of(&**vm.memory()).pages()),
+    }))
+}
+
+fn integrity(src: [u8; 32], dest: [u8; 32], pages: u64) -> Value {
+    json!({
+        "match": src == dest,
+        "source": blake3::Hash::from(src).to_hex().to_string(),
+        "destination": blake3::Hash::from(dest).to_hex().to_string(),
+        "pages_compared": pages,
+    })
+}
+
+/// Post-copy's two connections and the thread serving demand requests.
+struct Links {
+    fw: Writer,
+    fr: Reader,
+    stream: TcpStream,
+    demand: TcpStream,
+    server: Option<JoinHandle<Result<()>>>,
+}
+
+impl Links {
+    fn serve(&mut self, vm: &dyn MigratableVm, source: &Arc<Source>) -> Result<()> {
+        let (src, conn) = (source.clone(), self.demand.try_clone().map_err(|e| e.to_string())?);
+        let counter = vm.status().bytes.clone();
+        self.server = Some(std::thread::spawn(move || src.serve_demand(conn, counter)));
+        Ok(())
     }
 
-    /// The source's digest summary (valid once every page was sent).
-    pub fn summary(&self) -> [u8; 32] {
-        self.digests.summary()
+    /// Closes both connections and waits for the demand server.
+    fn close(&mut self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+        let _ = self.demand.shutdown(Shutdown::Both);
+        if let Some(Err(e)) = self.server.take().map(|t| t.join().unwrap_or(Ok(()))) {
+            log::debug!("demand thread ended: {e}");
+        }
     }
+}
+
+/// What the switch-over measured.
+struct Switched {
+    t_pause: Instant,
+    suspension_ms: f64,
+    free_info: u64,
+    state_bytes: u64,
+    t_state: Instant,
+}
+
+/// Post-copy and enlightened post-copy.
+fn postcopy(vm: &dyn MigratableVm, to: &str, key: &Key, stream: TcpStream, mode: Mode, t0: Instant) -> Result<Value> {
+    let mut fw = writer(vm, &stream)?;
+    fw.send(Kind::Config, &vm.config()?).map_err(sending)?;
+    let token = transport::new_token();
+    fw.send(Kind::Info, json!({"mode": mode.name(), "token": token}).to_string().as_bytes()).map_err(sending)?;
+    fw.flush().map_err(sending)?;
+    let demand = transport::connect_channel(to, key, Channel::Demand)?;
+    transport::mark_interactive(&demand);
+    let fr = FrameReader::new(BufReader::new(stream.try_clone().map_err(|e| e.to_string())?));
+    let mut links = Links { fw, fr, stream, demand, server: None };
+
+    let source = Arc::new(Source::new(vm.memory().clone()));
+    let mut maps = None;
+    let mut enlightenment_ms = 0.0;
+    if mode == Mode::Enlightened {
+        vm.status().set(mode, "enlightenment");
+        let t = Instant::now();
+        let m = vm.enlighten_prepare().map_err(|e| format!("enlightenment: {e}"))?;
+        enlightenment_ms = ms(t.elapsed());
+        log::info!("enlightenment: {} ms, {}", enlightenment_ms.round(), m.summary);
+        maps = Some(m);
+    }
+
+    let mut paused_here = false;
+    let switched = match switch_over(vm, mode, &mut links, &source, maps.as_ref(), &mut paused_here) {
+        Ok(s) => s,
+        Err(e) => {
+            links.close();
+            if paused_here {
+                vm.resume();
+            }
+            if maps.is_some() {
+                if let Err(r) = vm.enlighten_release() {
+                    log::warn!("releasing the guest's free frames: {r}");
+                }
+            }
+            log::error!("migration to {to} failed before the switch-over; the VM keeps running here: {e}");
+            return Err(e);
+        }
+    };
+    let t_go = Instant::now();
+    let (downtime_ms, execution_transfer_ms) = (ms(t_go - switched.t_pause), ms(t_go - t0));
+    log::info!(
+        "post-copy: the VM runs at {to} after {execution_transfer_ms:.0} ms (downtime {downtime_ms:.0} ms); pushing"
+    );
+
+    // From here on the VM lives at the destination: never resume here. This
+    // VMM ends only once every page is delivered (and after the reply to this
+    // request, not to any other).
+    let rounds = policy::rounds(&source.space, &source.free, maps.as_ref());
+    vm.status().set(mode, "post-copy push");
+    let pushed = push_until_acked(vm, to, key, &token, mode, &source, &rounds, &mut links, t0);
+    links.close();
+    let pushed = pushed?;
+    vm.discard_memory();
+    vm.migrated();
+
+    let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let integrity_ok = source.summary() == pushed.digest;
+    let dest = pushed.destination;
+    let push_bytes: u64 = pushed.rounds.iter().filter_map(|r| r["bytes"].as_u64()).sum();
+    let classes: serde_json::Map<String, Value> = pushed
+        .rounds
+        .iter()
+        .map(|r| {
+            let c =
+                json!({"pages": r["pages"], "data_pages": r["data_pages"], "start_ms": r["start_ms"], "ms": r["ms"]});
+            (r["name"].as_str().unwrap_or("?").to_owned(), c)
+        })
+        .collect();
+    let report = json!({
+        "mode": mode.name(),
+        "to": to,
+        "enlightenment_ms": enlightenment_ms,
+        "suspension_ms": switched.suspension_ms,
+        "state_transfer_ms": ms(switched.t_state - switched.t_pause),
+        "execution_transfer_ms": execution_transfer_ms,
+        "downtime_ms": downtime_ms,
+        "total_duration_ms": pushed.total_ms,
+        "bytes": {
+            "precopy": 0,
+            "state": switched.state_bytes,
+            "push": push_bytes,
+            "demand": ld(&source.demand_bytes),
+            "free_info": switched.free_info,
+        },
+        "pages": {
+            "total": source.space.pages(),
+            "free": maps.as_ref().map(|m| m.free_bitmap().count_free()).unwrap_or(0),
+            "demand": ld(&source.demand_pages),
+            "demand_duplicates": ld(&source.demand_duplicates),
+        },
+        "free_pages_sent": ld(&source.free_pages_sent),
+        "reconnections": pushed.reconnections,
+        "enlightenment": maps.as_ref().map(|m| m.summary.clone()),
+        "rounds": pushed.rounds,
+        "classes": classes,
+        "fault_latency_ms": dest["fault_latency_ms"].clone(),
+        "integrity": integrity(source.summary(), pushed.digest, source.space.pages()),
+        "timeline": {
+            "epoch_ms": crate::report::unix_ms() - t0.elapsed().as_millis() as u64,
+            "source": vm.progress(),
+            "destination": dest["timeline"].clone(),
+        },
+        "destination": dest,
+    });
+    log::info!(
+        "migrated to {to} ({}): total {:.0} ms, integrity {}",
+        mode.name(),
+        pushed.total_ms,
+        if integrity_ok { "ok" } else { "MISMATCH" }
+    );
+    if !integrity_ok {
+        log::error!("post-copy: destination memory differs from the source's at suspension");
+        return Err(Error::from(format!("integrity check failed: {report}")));
+    }
+    Ok(report)
+}
+
+/// Suspends the VM, sends the free ranges and the device state, starts the
+/// demand server, waits for the destination's restore and commits (`Go`).
+fn switch_over(
+    vm: &dyn MigratableVm,
+    mode: Mode,
+    links: &mut Links,
+    source: &Arc<Source>,
+    maps: Option<&GuestMaps>,
+    paused_here: &mut bool,
+) -> Result<Switched> {
+    vm.status().check()?;
+    vm.status().set(mode, "switch-over");
+    *paused_here = vm.pause()?;
+    let t_pause = Instant::now();
+    vm.sync_disks()?;
+    let mut free_info = 0;
+    if let Some(m) = maps {
+        let ranges = source.mark_free(m.free_bitmap().free_runs());
+        free_info = space::send_ranges(&mut links.fw, Kind::FreeRanges, &ranges)
+            .map_err(|e| format!("sending FreeRanges: {e}"))?;
+    }
+    let suspension_ms = ms(t_pause.elapsed());
+    links.fw.send(Kind::Switchover, b"postcopy").map_err(sending)?;
+    let mut counting = Counting { inner: links.fw.get_mut(), bytes: 0 };
+    vm.write_state(&mut counting, None)?;
+    let state_bytes = counting.bytes;
+    links.fw.flush().map_err(sending)?;
+    let t_state = Instant::now();
+    links.serve(vm, source)?;
+    transport::await_confirmation(&links.stream)?;
+    vm.status().check()?;
+    vm.status().committed.store(true, Ordering::Release);
+    links.fw.send(Kind::Go, &[]).map_err(sending)?;
+    links.fw.flush().map_err(sending)?;
+    Ok(Switched { t_pause, suspension_ms, free_info, state_bytes, t_state })
+}
+
+/// What the destination acknowledged after the push.
+struct Pushed {
+    rounds: Vec<Value>,
+    digest: [u8; 32],
+    destination: Value,
+    total_ms: f64,
+    reconnections: u64,
+}
+
+/// Pushes the rounds and waits for the destination's acknowledgement of
+/// every page, re-establishing broken links (the destination then says what
+/// it still lacks).
+#[allow(clippy::too_many_arguments)]
+fn push_until_acked(
+    vm: &dyn MigratableVm,
+    to: &str,
+    key: &Key,
+    token: &str,
+    mode: Mode,
+    source: &Arc<Source>,
+    rounds: &[Round],
+    links: &mut Links,
+    t0: Instant,
+) -> Result<Pushed> {
+    let mut reconnections = 0u64;
+    loop {
+        match push_once(source, rounds, links, t0) {
+            Ok((rounds, digest, destination, total_ms)) => {
+                return Ok(Pushed { rounds, digest, destination, total_ms, reconnections })
+            }
+            Err(e) => {
+                log::warn!("post-copy to {to}: {e}; reconnecting (the VM runs there, its pages are here)");
+                vm.status().set(mode, "post-copy: reconnecting");
+                links.close();
+                let mut tries = 0u64;
+                *links = loop {
+                    std::thread::sleep(Duration::from_millis(500));
+                    match reconnect(vm, to, key, token, source) {
+                        Ok(l) => break l,
+                        Err(e) => {
+                            tries += 1;
+                            if tries % 10 == 1 {
+                                log::warn!("post-copy: cannot reconnect to {to} yet: {e}");
+                            }
+                        }
+                    }
+                };
+                links.serve(vm, source)?;
+                reconnections += 1;
+                vm.status().set(mode, "post-copy push");
+                log::info!("post-copy: reconnected to {to}");
+            }
+        }
+    }
+}
+
+fn push_once(
+    source: &Source,
+    rounds: &[Round],
+    links: &mut Links,
+    t0: Instant,
+) -> Result<(Vec<Value>, [u8; 32], Value, f64)> {
+    let report = source.push(rounds, &mut links.fw, t0)?;
+    links.fw.send(Kind::Complete, &[]).map_err(sending)?;
+    links.fw.flush().map_err(sending)?;
+    links.stream.set_read_timeout(Some(Duration::from_secs(120))).map_err(|e| e.to_string())?;
+    let ack = links.fr.expect().map_err(|e| format!("waiting for the destination's acknowledgement: {e}"))?;
+    if ack.kind != Kind::Ack || ack.payload.len() != 32 {
+        return Err(Error::from(format!(
+            "the destination answered {:?} instead of acknowledging every page",
+            ack.kind
+        )));
+    }
+    let total_ms = ms(t0.elapsed());
+    let info = links.fr.expect().map_err(|e| format!("waiting for the destination's statistics: {e}"))?;
+    let dest = if info.kind == Kind::Info {
+        serde_json::from_slice(&info.payload).unwrap_or(Value::Null)
+    } else {
+        Value::Null
+    };
+    let digest: [u8; 32] = ack.payload[..].try_into().expect("32 bytes");
+    let rounds = match report {
+        Value::Array(a) => a,
+        other => vec![other],
+    };
+    Ok((rounds, digest, dest, total_ms))
+}
+
+/// Re-establishes both connections of a post-copy migration whose
+/// connection broke, and marks the pages the destination lacks unsent.
+fn reconnect(vm: &dyn MigratableVm, to: &str, key: &Key, token: &str, source: &Source) -> Result<Links> {
+    let stream = transport::connect_channel(to, key, Channel::Main)?;
+    let mut fw = writer(vm, &stream)?;
+    fw.send(Kind::Info, json!({"resume": token}).to_string().as_bytes())?;
+    fw.flush()?;
+    let demand = transport::connect_channel(to, key, Channel::Demand)?;
+    transport::mark_interactive(&demand);
+    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+    let mut fr = FrameReader::new(BufReader::new(stream.try_clone().map_err(|e| e.to_string())?));
+    let info = fr.expect()?;
+    if info.kind != Kind::Info {
+        return Err(Error::from(format!("the destination answered {:?} to the resume request", info.kind)));
+    }
+    let mut missing = 0;
+    loop {
+        let f = fr.expect()?;
+        match f.kind {
+            Kind::FreeRanges => {
+                for (pfn, count) in space::decode_ranges(&f.payload, "missing ranges")? {
+                    for (first, n) in source.space.clip(pfn, count) {
+                        for i in first..first + n {
+                            source.sent.clear(i);
+                        }
+                        missing += n;
+                    }
+                }
+            }
+            Kind::Complete => break,
+            other => return Err(Error::from(format!("unexpected {other:?} frame in the resume answer"))),
+        }
+    }
+    log::info!("post-copy: the destination lacks {missing} pages");
+    Ok(Links { fw, fr, stream, demand, server: None })
 }

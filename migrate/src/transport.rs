@@ -2,11 +2,19 @@
 //! byte counting for progress and reports.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::wire::FrameReader;
+use crate::error::{Error, Result};
+use crate::wire::{self, Channel, FrameReader, Key};
+
+/// Byte the destination sends once the VM is restored.
+const ACK: u8 = b'A';
+/// How long the source waits for the destination to restore.
+const ACK_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A main connection: its frame reader (positioned after the frames read so
 /// far), a handle to write on, and the sequence number of the next frame
@@ -83,4 +91,65 @@ impl<W: Write> Write for Counting<W> {
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
     }
+}
+
+/// Reads the migration key from a file (any content; a BLAKE3-derived key).
+pub fn load_key(path: &Path) -> Result<Key> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read the key file {}: {e}", path.display()))?;
+    if bytes.len() < 16 {
+        return Err(Error::from(format!(
+            "the key file {} holds fewer than 16 bytes; use a random key",
+            path.display()
+        )));
+    }
+    Ok(Key::derive(&bytes))
+}
+
+fn resolve(to: &str) -> Result<SocketAddr> {
+    to.to_socket_addrs()
+        .map_err(|e| format!("bad destination `{to}`: {e}"))?
+        .next()
+        .ok_or_else(|| Error::from(format!("bad destination `{to}`: no address")))
+}
+
+/// Connects to a destination and authenticates (main channel).
+pub fn connect(to: &str, key: &Key) -> Result<TcpStream> {
+    connect_channel(to, key, Channel::Main)
+}
+
+/// Connects one channel of a migration and authenticates.
+pub fn connect_channel(to: &str, key: &Key, channel: Channel) -> Result<TcpStream> {
+    let addr = resolve(to)?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .map_err(|e| format!("cannot connect to the destination {addr}: {e}"))?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+    wire::connect_handshake(&mut stream, key, channel)
+        .map_err(|e| format!("destination {addr} ({channel:?} channel): {e}"))?;
+    Ok(stream)
+}
+
+/// Waits for the destination's confirmation that the VM is restored; returns
+/// the digest of the memory it received (all zero in post-copy, where the
+/// memory follows).
+pub fn await_confirmation(stream: &TcpStream) -> Result<[u8; 32]> {
+    stream.set_read_timeout(Some(ACK_TIMEOUT)).map_err(|e| e.to_string())?;
+    let mut ack = [0u8; 33];
+    let mut s = stream;
+    s.read_exact(&mut ack[..1]).map_err(|e| format!("the destination did not confirm the restore: {e}"))?;
+    if ack[0] != ACK {
+        return Err(Error::from(format!("the destination answered {:#x} instead of confirming the restore", ack[0])));
+    }
+    s.read_exact(&mut ack[1..]).map_err(|e| format!("the destination did not confirm the restore: {e}"))?;
+    Ok(ack[1..].try_into().expect("32 bytes"))
+}
+
+/// Tells the source the VM is restored (it may end its copy), with the
+/// digest of the memory received.
+pub fn confirm(stream: &mut TcpStream, digest: &[u8; 32]) -> std::io::Result<()> {
+    let mut b = [0u8; 33];
+    b[0] = ACK;
+    b[1..].copy_from_slice(digest);
+    stream.write_all(&b)?;
+    stream.flush()
 }

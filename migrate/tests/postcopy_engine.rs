@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use migrate::dest::Dest;
-use migrate::source::{Round, Source};
+use migrate::push::{Round, Source};
 use migrate::space::{GuestMem, PAGE_SIZE};
 use migrate::wire::{FrameReader, FrameWriter, Kind};
 use vm_memory::{Bytes, GuestAddress};

@@ -9,7 +9,7 @@
 //! - [`linux`]: the Linux boot protocol (for hardware-KVM hosts).
 //! - [`migration`]: live migration (stop-and-copy, pre-copy, post-copy,
 //!   enlightened post-copy) between two VMMs; post-copy's two ends are in
-//!   the `migrate` crate ([`migrate::source`], [`migrate::dest`]).
+//!   the `migrate` crate ([`migrate::push`], [`migrate::dest`]).
 //! - [`progress`]: the testbed guest's progress for migration timelines.
 //! - [`stream`]: appliances: creating one from a snapshot, streaming a VM from one.
 //! - [`api`]: the control socket.
@@ -26,6 +26,7 @@ pub mod devices;
 pub mod error;
 pub mod linux;
 pub mod memory;
+pub mod migratable;
 pub mod migration;
 pub mod progress;
 pub mod snapshot;

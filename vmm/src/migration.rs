@@ -1,4 +1,4 @@
-//! Live migration between two VMMs: stop-and-copy and pre-copy so far.
+//! The destination side of a migration between two VMMs.
 //!
 //! The stream, after the authenticated handshake (shared key,
 //! `migrate::wire`), is: a `Config` frame (the VM's shape, so the
@@ -10,12 +10,12 @@
 //! stranger leaves it running unchanged; after pausing it waits for the
 //! destination's acknowledgement, sent only once the VM is fully restored.
 //! Until that byte arrives the source resumes on any failure; after it, the
-//! source VM ends ("migrated"). The source side lives in `vm.rs`
-//! (`Shared::migrate`), which owns the VM; this module holds the transport
-//! and the destination side.
+//! source VM ends ("migrated"). The source side is the engine's
+//! (`migrate::source`, driving the VM through `migratable.rs`); this module
+//! accepts a migration and rebuilds the VM's memory and state here.
 
-use std::io::{BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::io::{BufReader, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,175 +26,9 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::memory::{self, GuestMem};
 use crate::snapshot::{SnapshotConfig, SnapshotReader};
 use migrate::dest::Dest;
+pub use migrate::progress::{Mode, Progress};
 use migrate::space::{page_digest, Digests, PageSpace};
-pub use migrate::transport::{Counting, SharedCounting};
-
-/// Byte the destination sends once the VM is restored.
-const ACK: u8 = b'A';
-/// How long the source waits for the destination to restore.
-const ACK_TIMEOUT: Duration = Duration::from_secs(120);
-/// Pages per `Pages` frame (1 MiB of data).
-pub const PAGES_PER_FRAME: usize = 256;
-
-/// Migration modes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    StopAndCopy,
-    Precopy,
-    Postcopy,
-    Enlightened,
-}
-
-impl Mode {
-    pub fn parse(s: &str) -> Result<Mode, String> {
-        Ok(match s {
-            "stop-and-copy" => Mode::StopAndCopy,
-            "precopy" => Mode::Precopy,
-            "postcopy" => Mode::Postcopy,
-            "enlightened" => Mode::Enlightened,
-            other => {
-                return Err(format!(
-                    "unknown migration mode `{other}`; expected stop-and-copy, precopy, postcopy or enlightened"
-                ))
-            }
-        })
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::StopAndCopy => "stop-and-copy",
-            Mode::Precopy => "precopy",
-            Mode::Postcopy => "postcopy",
-            Mode::Enlightened => "enlightened",
-        }
-    }
-}
-
-/// Reads the migration key from a file (any content; a BLAKE3-derived key).
-pub fn load_key(path: &Path) -> Result<Key, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read the key file {}: {e}", path.display()))?;
-    if bytes.len() < 16 {
-        return Err(format!("the key file {} holds fewer than 16 bytes; use a random key", path.display()));
-    }
-    Ok(Key::derive(&bytes))
-}
-
-fn resolve(to: &str) -> Result<SocketAddr, String> {
-    to.to_socket_addrs()
-        .map_err(|e| format!("bad destination `{to}`: {e}"))?
-        .next()
-        .ok_or_else(|| format!("bad destination `{to}`: no address"))
-}
-
-/// Connects to a destination and authenticates (main channel).
-pub fn connect(to: &str, key: &Key) -> Result<TcpStream, String> {
-    connect_channel(to, key, Channel::Main)
-}
-
-/// Connects one channel of a migration and authenticates.
-pub fn connect_channel(to: &str, key: &Key, channel: Channel) -> Result<TcpStream, String> {
-    let addr = resolve(to)?;
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-        .map_err(|e| format!("cannot connect to the destination {addr}: {e}"))?;
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
-    wire::connect_handshake(&mut stream, key, channel)
-        .map_err(|e| format!("destination {addr} ({channel:?} channel): {e}"))?;
-    Ok(stream)
-}
-
-/// Waits for the destination's confirmation that the VM is restored; returns
-/// the digest of the memory it received (all zero in post-copy, where the
-/// memory follows).
-pub fn await_confirmation(stream: &TcpStream) -> Result<[u8; 32], String> {
-    stream.set_read_timeout(Some(ACK_TIMEOUT)).map_err(|e| e.to_string())?;
-    let mut ack = [0u8; 33];
-    let mut s = stream;
-    s.read_exact(&mut ack[..1]).map_err(|e| format!("the destination did not confirm the restore: {e}"))?;
-    if ack[0] != ACK {
-        return Err(format!("the destination answered {:#x} instead of confirming the restore", ack[0]));
-    }
-    s.read_exact(&mut ack[1..]).map_err(|e| format!("the destination did not confirm the restore: {e}"))?;
-    Ok(ack[1..].try_into().expect("32 bytes"))
-}
-
-/// Tells the source the VM is restored (it may end its copy), with the
-/// digest of the memory received.
-pub fn confirm(stream: &mut TcpStream, digest: &[u8; 32]) -> std::io::Result<()> {
-    let mut b = [0u8; 33];
-    b[0] = ACK;
-    b[1..].copy_from_slice(digest);
-    stream.write_all(&b)?;
-    stream.flush()
-}
-
-/// A migration in progress, as `status` shows it.
-#[derive(Default)]
-pub struct Progress {
-    /// (mode, phase, start) of the migration; None when there is none.
-    pub phase: std::sync::Mutex<Option<(&'static str, String, std::time::Instant)>>,
-    /// Bytes written to the destination so far (all connections).
-    pub bytes: Arc<std::sync::atomic::AtomicU64>,
-    /// The operator asked to cancel (honoured until the switch-over).
-    pub cancel: std::sync::atomic::AtomicBool,
-    /// The switch-over is committed: cancelling would lose the VM.
-    pub committed: std::sync::atomic::AtomicBool,
-}
-
-impl Progress {
-    pub fn set(&self, mode: Mode, phase: &str) {
-        let mut p = self.phase.lock().unwrap_or_else(|e| e.into_inner());
-        let start = p.as_ref().map(|x| x.2).unwrap_or_else(std::time::Instant::now);
-        *p = Some((mode.name(), phase.to_owned(), start));
-    }
-    pub fn start(&self, mode: Mode) {
-        self.bytes.store(0, std::sync::atomic::Ordering::Relaxed);
-        self.cancel.store(false, std::sync::atomic::Ordering::Release);
-        self.committed.store(false, std::sync::atomic::Ordering::Release);
-        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((mode.name(), "connecting".into(), std::time::Instant::now()));
-    }
-    /// Err if the operator cancelled.
-    pub fn check(&self) -> Result<(), String> {
-        if self.cancel.load(std::sync::atomic::Ordering::Acquire) {
-            Err("cancelled by the operator".into())
-        } else {
-            Ok(())
-        }
-    }
-
-    /// Asks the migration in progress to stop.
-    pub fn request_cancel(&self) -> Result<(), String> {
-        if self.phase.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
-            return Err("no migration is in progress".into());
-        }
-        if self.committed.load(std::sync::atomic::Ordering::Acquire) {
-            return Err("too late to cancel: the VM already runs at the destination and this VMM holds the pages it \
-                        still needs; the migration ends once they are delivered (restore the link if it is down)"
-                .into());
-        }
-        self.cancel.store(true, std::sync::atomic::Ordering::Release);
-        Ok(())
-    }
-
-    pub fn end(&self) {
-        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    }
-    pub fn json(&self) -> Option<serde_json::Value> {
-        let p = self.phase.lock().unwrap_or_else(|e| e.into_inner());
-        let (mode, phase, start) = p.as_ref()?;
-        let secs = start.elapsed().as_secs_f64();
-        let bytes = self.bytes.load(std::sync::atomic::Ordering::Relaxed);
-        Some(serde_json::json!({
-            "mode": mode, "phase": phase, "elapsed_s": secs, "bytes_sent": bytes,
-            "mbit_s": bytes as f64 * 8.0 / secs.max(1e-3) / 1e6,
-        }))
-    }
-    /// A writer that counts into [`Self::bytes`].
-    pub fn counting<W: Write>(&self, inner: W) -> SharedCounting<W> {
-        SharedCounting::new(inner, self.bytes.clone())
-    }
-}
+pub use migrate::transport::{confirm, load_key};
 
 /// An authenticated incoming migration: memory pre-copied, state read and
 /// checked; the rest of memory follows in `reader` (or, post-copy, through
