@@ -42,6 +42,12 @@ impl From<&str> for Error {
     }
 }
 
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Wire(WireError::Io(e))
+    }
+}
+
 /// The VMM's layers above the engine report errors as text.
 impl From<Error> for String {
     fn from(e: Error) -> Self {

@@ -6,7 +6,7 @@
 //!   digests (the integrity check) and frame ranges.
 //! - [`vm`]: what the engine needs from a VM ([`vm::MigratableVm`]).
 //! - [`policy`]: what to send next (pre-copy convergence, post-copy rounds).
-//! - [`source`]: a migration from the source side, in every mode.
+//! - [`source`] and [`receive`]: a migration's two ends, in every mode.
 //! - [`push`] and [`dest`]: post-copy's two ends after the switch-over
 //!   (push rounds and the demand server; the userfaultfd pager, its fault
 //!   loop's page source and the installers).
@@ -19,6 +19,7 @@ pub mod error;
 pub mod policy;
 pub mod progress;
 pub mod push;
+pub mod receive;
 pub mod report;
 pub mod source;
 pub mod space;

@@ -1,15 +1,15 @@
 //! The source side of a migration, for every mode: [`migrate`].
 //!
-//! - Stop-and-copy: `Config`, pause, `Switchover`, the state with every
-//!   non-zero page, then the destination's confirmation with the digest of
-//!   what it received.
+//! - Stop-and-copy: `Config`, pause, every non-zero page (`Pages`), the
+//!   state (`State`), `Switchover`, then the destination's `Ack` with the
+//!   digest of what it received (or its `Abort`).
 //! - Pre-copy: the same after copy rounds over a running VM with dirty
 //!   logging on, until [`Precopy::converged`]; the stop-and-copy then sends
 //!   only the pages dirtied since the last round.
 //! - Post-copy (simple and enlightened): `Config` and `Info` (mode, resume
 //!   token), a second authenticated connection for demand requests, for
-//!   enlightened post-copy the guest's maps, pause, `FreeRanges`, the state
-//!   without pages, the destination's confirmation, `Go` (the commit), then
+//!   enlightened post-copy the guest's maps, pause, `FreeRanges`, `State`,
+//!   `Switchover`, the destination's `Ack`, `Go` (the commit), then
 //!   the push rounds of [`policy::rounds`] while [`Source::serve_demand`]
 //!   answers faults, until the destination acknowledges every page. A broken
 //!   link is re-established for as long as it takes: after `Go` this VMM holds
@@ -32,13 +32,16 @@ use crate::policy::{self, GuestMaps, Precopy, Round, RoundStats};
 use crate::progress::Mode;
 use crate::push::Source;
 use crate::space::{self, Digests, PageSpace, PAGE_SIZE};
-use crate::transport::{self, Counting, SharedCounting};
+use crate::transport::{self, SharedCounting};
 use crate::vm::MigratableVm;
 use crate::wire::{self, Channel, FrameReader, FrameWriter, Key, Kind};
 use crate::PUSH_BATCH;
 
 type Writer = FrameWriter<BufWriter<SharedCounting<TcpStream>>>;
 type Reader = FrameReader<BufReader<TcpStream>>;
+
+/// Largest `State` frame.
+const STATE_CHUNK: usize = 8 << 20;
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -58,6 +61,65 @@ fn check_running(vm: &dyn MigratableVm) -> Result<()> {
     match vm.ended() {
         Some(r) => Err(Error::from(format!("the VM ended during the migration ({r})"))),
         None => Ok(()),
+    }
+}
+
+/// Sends pages as `Pages` frames: those set in `dirty` (one bitmap per
+/// region), or without it every page that is not zero; returns how many.
+fn send_pages(vm: &dyn MigratableVm, fw: &mut Writer, dirty: Option<&[Vec<u64>]>) -> Result<u64> {
+    let mem = vm.memory();
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    let mut batch: Vec<u8> = Vec::with_capacity(PUSH_BATCH * wire::PAGE_RECORD);
+    let mut sent = 0u64;
+    for (ri, region) in mem.iter().enumerate() {
+        let base = region.start_addr().raw_value();
+        for p in 0..(region.len() / PAGE_SIZE) as usize {
+            if let Some(d) = dirty {
+                if d[ri][p / 64] & (1 << (p % 64)) == 0 {
+                    continue;
+                }
+            }
+            let gpa = base + p as u64 * PAGE_SIZE;
+            mem.read_slice(&mut page, GuestAddress(gpa)).map_err(|e| Error::Memory(e.to_string()))?;
+            if dirty.is_none() && space::is_zero(&page) {
+                continue;
+            }
+            batch.extend_from_slice(&gpa.to_le_bytes());
+            batch.extend_from_slice(&page);
+            sent += 1;
+            if batch.len() >= PUSH_BATCH * wire::PAGE_RECORD {
+                vm.status().check()?;
+                fw.send(Kind::Pages, &batch).map_err(sending)?;
+                batch.clear();
+            }
+        }
+    }
+    if !batch.is_empty() {
+        fw.send(Kind::Pages, &batch).map_err(sending)?;
+    }
+    Ok(sent)
+}
+
+/// Sends the paused VM's state as `State` frames; returns its size.
+fn send_state(vm: &dyn MigratableVm, fw: &mut Writer) -> Result<u64> {
+    let state = vm.write_state()?;
+    for chunk in state.chunks(STATE_CHUNK) {
+        fw.send(Kind::State, chunk).map_err(sending)?;
+    }
+    Ok(state.len() as u64)
+}
+
+/// Waits for the destination's answer to the switch-over: `Ack` with the
+/// digest of the memory it received, or `Abort`.
+fn await_ack(fr: &mut Reader, stream: &TcpStream) -> Result<[u8; 32]> {
+    stream.set_read_timeout(Some(transport::ACK_TIMEOUT))?;
+    let f = fr.expect().map_err(|e| format!("the destination did not confirm the restore: {e}"))?;
+    match f.kind {
+        Kind::Ack if f.payload.len() == 32 => Ok(f.payload[..].try_into().expect("32 bytes")),
+        Kind::Abort => {
+            Err(Error::Aborted { by: "destination", reason: String::from_utf8_lossy(&f.payload).into_owned() })
+        }
+        other => Err(Error::from(format!("the destination answered {other:?} instead of confirming the restore"))),
     }
 }
 
@@ -113,10 +175,6 @@ fn copy(vm: &dyn MigratableVm, to: &str, stream: &TcpStream, mode: Mode, t0: Ins
 /// pages dirtied during the last round (one bitmap per region).
 fn precopy_rounds(vm: &dyn MigratableVm, fw: &mut Writer, t0: Instant) -> Result<(Vec<Value>, Vec<Vec<u64>>)> {
     let policy = Precopy::default();
-    let mem = vm.memory();
-    let regions: Vec<(u64, usize)> = mem.iter().map(|r| (r.start_addr().raw_value(), r.len() as usize)).collect();
-    let mut page = vec![0u8; PAGE_SIZE as usize];
-    let mut batch: Vec<u8> = Vec::with_capacity(PUSH_BATCH * wire::PAGE_RECORD);
     let mut rounds = Vec::new();
     let mut dirty: Option<Vec<Vec<u64>>> = None;
     for round in 0.. {
@@ -124,34 +182,8 @@ fn precopy_rounds(vm: &dyn MigratableVm, fw: &mut Writer, t0: Instant) -> Result
         vm.status().set(Mode::Precopy, &format!("pre-copy round {round}"));
         let t = Instant::now();
         let before = fw.bytes;
-        let mut sent = 0u64;
-        for (ri, &(base, len)) in regions.iter().enumerate() {
-            for p in 0..len / PAGE_SIZE as usize {
-                if let Some(d) = &dirty {
-                    if d[ri][p / 64] & (1 << (p % 64)) == 0 {
-                        continue;
-                    }
-                }
-                let gpa = base + p as u64 * PAGE_SIZE;
-                mem.read_slice(&mut page, GuestAddress(gpa)).map_err(|e| Error::Memory(e.to_string()))?;
-                // Round 0 sends every page that is not zero.
-                if dirty.is_none() && space::is_zero(&page) {
-                    continue;
-                }
-                batch.extend_from_slice(&gpa.to_le_bytes());
-                batch.extend_from_slice(&page);
-                sent += 1;
-                if batch.len() >= PUSH_BATCH * wire::PAGE_RECORD {
-                    vm.status().check()?;
-                    fw.send(Kind::Pages, &batch).map_err(sending)?;
-                    batch.clear();
-                }
-            }
-        }
-        if !batch.is_empty() {
-            fw.send(Kind::Pages, &batch).map_err(sending)?;
-            batch.clear();
-        }
+        // Round 0 sends every page that is not zero, later rounds the dirty ones.
+        let sent = send_pages(vm, fw, dirty.as_deref())?;
         fw.flush().map_err(sending)?;
         let d = vm.take_dirty()?;
         let stats = RoundStats {
@@ -205,7 +237,6 @@ fn copy_over(
     *paused_here = vm.pause()?;
     let t_pause = Instant::now();
     vm.sync_disks()?;
-    fw.send(Kind::Switchover, &[]).map_err(sending)?;
     if let Some(d) = &mut last {
         for (a, b) in d.iter_mut().zip(vm.take_dirty()?) {
             for (x, y) in a.iter_mut().zip(b) {
@@ -213,15 +244,14 @@ fn copy_over(
             }
         }
     }
-    let mut counting = Counting { inner: fw.get_mut(), bytes: 0 };
-    let mut include = |ri: usize, p: usize, data: &[u8]| match &last {
-        Some(d) => d[ri][p / 64] & (1 << (p % 64)) != 0,
-        None => !space::is_zero(data),
-    };
-    let final_pages = vm.write_state(&mut counting, Some(&mut include))?;
-    let final_bytes = counting.bytes;
+    let before = fw.bytes;
+    let final_pages = send_pages(vm, &mut fw, last.as_deref())?;
+    send_state(vm, &mut fw)?;
+    fw.send(Kind::Switchover, &[]).map_err(sending)?;
     fw.flush().map_err(sending)?;
-    let dest_digest = transport::await_confirmation(stream)?;
+    let final_bytes = fw.bytes - before;
+    let mut fr = FrameReader::new(BufReader::new(stream.try_clone()?));
+    let dest_digest = await_ack(&mut fr, stream)?;
     let downtime = ms(t_pause.elapsed());
     let total = ms(t0.elapsed());
     // The VM is still paused here: its memory is the memory at suspension.
@@ -436,14 +466,12 @@ fn switch_over(
             .map_err(|e| format!("sending FreeRanges: {e}"))?;
     }
     let suspension_ms = ms(t_pause.elapsed());
+    let state_bytes = send_state(vm, &mut links.fw)?;
     links.fw.send(Kind::Switchover, b"postcopy").map_err(sending)?;
-    let mut counting = Counting { inner: links.fw.get_mut(), bytes: 0 };
-    vm.write_state(&mut counting, None)?;
-    let state_bytes = counting.bytes;
     links.fw.flush().map_err(sending)?;
     let t_state = Instant::now();
     links.serve(vm, source)?;
-    transport::await_confirmation(&links.stream)?;
+    await_ack(&mut links.fr, &links.stream)?;
     vm.status().check()?;
     vm.status().committed.store(true, Ordering::Release);
     links.fw.send(Kind::Go, &[]).map_err(sending)?;

@@ -11,10 +11,8 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::wire::{self, Channel, FrameReader, Key};
 
-/// Byte the destination sends once the VM is restored.
-const ACK: u8 = b'A';
 /// How long the source waits for the destination to restore.
-const ACK_TIMEOUT: Duration = Duration::from_secs(120);
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A main connection: its frame reader (positioned after the frames read so
 /// far), a handle to write on, and the sequence number of the next frame
@@ -127,29 +125,4 @@ pub fn connect_channel(to: &str, key: &Key, channel: Channel) -> Result<TcpStrea
     wire::connect_handshake(&mut stream, key, channel)
         .map_err(|e| format!("destination {addr} ({channel:?} channel): {e}"))?;
     Ok(stream)
-}
-
-/// Waits for the destination's confirmation that the VM is restored; returns
-/// the digest of the memory it received (all zero in post-copy, where the
-/// memory follows).
-pub fn await_confirmation(stream: &TcpStream) -> Result<[u8; 32]> {
-    stream.set_read_timeout(Some(ACK_TIMEOUT)).map_err(|e| e.to_string())?;
-    let mut ack = [0u8; 33];
-    let mut s = stream;
-    s.read_exact(&mut ack[..1]).map_err(|e| format!("the destination did not confirm the restore: {e}"))?;
-    if ack[0] != ACK {
-        return Err(Error::from(format!("the destination answered {:#x} instead of confirming the restore", ack[0])));
-    }
-    s.read_exact(&mut ack[1..]).map_err(|e| format!("the destination did not confirm the restore: {e}"))?;
-    Ok(ack[1..].try_into().expect("32 bytes"))
-}
-
-/// Tells the source the VM is restored (it may end its copy), with the
-/// digest of the memory received.
-pub fn confirm(stream: &mut TcpStream, digest: &[u8; 32]) -> std::io::Result<()> {
-    let mut b = [0u8; 33];
-    b[0] = ACK;
-    b[1..].copy_from_slice(digest);
-    stream.write_all(&b)?;
-    stream.flush()
 }

@@ -4,9 +4,9 @@
 //! turns dirty logging on and off, reads its memory, asks its guest for the
 //! enlightenment maps and writes its state into the stream. The VMM
 //! implements the trait over its running VM (`vmm/src/migratable.rs`); the
-//! engine's tests implement it over plain `vm-memory` mappings.
+//! engine's tests implement it over plain `vm-memory` mappings. The
+//! destination's VMM is an [`IncomingVm`].
 
-use std::io::Write;
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -15,9 +15,6 @@ use crate::error::Result;
 use crate::policy::GuestMaps;
 use crate::progress::Progress;
 use crate::space::GuestMem;
-
-/// Picks the pages that travel with the state: `(region, page, content)`.
-pub type PageFilter<'a> = dyn FnMut(usize, usize, &[u8]) -> bool + 'a;
 
 /// A running VM that can be migrated away.
 pub trait MigratableVm: Sync {
@@ -40,9 +37,9 @@ pub trait MigratableVm: Sync {
     fn take_dirty(&self) -> Result<Vec<Vec<u64>>>;
     /// Flushes every disk to stable storage (the VM is paused).
     fn sync_disks(&self) -> Result<()>;
-    /// Writes the paused VM's state as a snapshot stream into `w`, with the
-    /// pages `pages` picks (none without a filter); returns the pages written.
-    fn write_state(&self, w: &mut dyn Write, pages: Option<&mut PageFilter>) -> Result<u64>;
+    /// The paused VM's state (vCPUs, KVM, devices; no guest memory), opaque
+    /// to the engine: the destination's VMM reads it.
+    fn write_state(&self) -> Result<Vec<u8>>;
     /// Asks the guest for its free bitmap and priority map; on success it
     /// holds its free frames until [`MigratableVm::enlighten_release`].
     fn enlighten_prepare(&self) -> Result<GuestMaps>;
@@ -55,4 +52,11 @@ pub trait MigratableVm: Sync {
     /// The VM now runs at the destination: end it here once the migration's
     /// reply is out.
     fn migrated(&self);
+}
+
+/// A VMM waiting for a migration.
+pub trait IncomingVm {
+    /// Checks the source's `Config` payload (the VM's shape) and maps guest
+    /// memory for it, untouched (post-copy registers it with userfaultfd).
+    fn memory_for(&self, config: &[u8]) -> Result<GuestMem>;
 }

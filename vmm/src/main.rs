@@ -328,8 +328,8 @@ fn receive(
     };
     log::info!("receive: waiting for a migration on {listen}");
     loop {
-        let vmm::migration::Incoming { mut stream, peer, mem, reader, postcopy, integrity, .. } =
-            vmm::migration::accept(&listener, &key);
+        let mut inc = vmm::migration::accept(&listener, &key);
+        let peer = inc.peer;
         let mut cfg = VmConfig::new(
             0,
             1,
@@ -338,41 +338,42 @@ fn receive(
             serial_out(serial),
         );
         cfg.disk_map = disk_map.clone();
-        match Vm::create_incoming(cfg, mem, reader) {
-            Ok(vm) => {
-                if let Err(e) = vmm::migration::confirm(&mut stream, &integrity) {
-                    // The source did not hear us: it keeps its VM; so must we not run ours.
-                    eprintln!("vmm: could not confirm the migration to {peer}: {e}; discarding the VM");
-                    if let Some(pc) = &postcopy {
-                        pc.discard();
-                    }
-                    continue;
-                }
-                if let Some(mut pc) = postcopy {
-                    // Post-copy: run only once the source has committed.
-                    if let Err(e) = pc.wait_go(&stream) {
-                        pc.discard();
-                        eprintln!("vmm: post-copy from {peer} was not committed: {e}; discarding the VM");
-                        continue;
-                    }
-                    let shared = vm.shared();
-                    if let Err(e) = pc.finish_in_background(&stream, shared.mem.clone()) {
-                        eprintln!("vmm: post-copy from {peer}: {e}");
-                        return ExitCode::from(EXIT_GUEST_FAILED);
-                    }
-                    log::info!("receive: VM from {peer} resumed; its memory follows (post-copy)");
-                } else {
-                    log::info!("receive: VM from {peer} restored; running it");
-                }
-                return serve_and_run(vm, api_sock);
-            }
+        let built = vmm::migration::state_of(&inc)
+            .and_then(|reader| Vm::create_incoming(cfg, inc.mem.clone(), reader).map_err(|e| e.to_string()));
+        let vm = match built {
+            Ok(vm) => vm,
             Err(e) => {
-                if let Some(pc) = &postcopy {
-                    pc.discard();
-                }
-                log::error!("receive: refused the migration from {peer}: {e}")
+                log::error!("receive: refused the migration from {peer}: {e}");
+                inc.refuse(&format!("the destination cannot build the VM: {e}"));
+                continue;
             }
+        };
+        if let Err(e) = inc.confirm() {
+            // The source did not hear us: it keeps its VM; so must we not run ours.
+            eprintln!("vmm: could not confirm the migration to {peer}: {e}; discarding the VM");
+            if let Some(pc) = &inc.postcopy {
+                pc.discard();
+            }
+            continue;
         }
+        if let Some(mut pc) = inc.postcopy.take() {
+            // Post-copy: run only once the source has committed.
+            if let Err(e) = pc.wait_go(&inc.stream) {
+                pc.discard();
+                eprintln!("vmm: post-copy from {peer} was not committed: {e}; discarding the VM");
+                continue;
+            }
+            let mem = vm.shared().mem.clone();
+            let sampler = Box::new(move |stop, out| vmm::progress::sample_progress(mem, stop, out));
+            if let Err(e) = pc.finish_in_background(&inc.stream, sampler) {
+                eprintln!("vmm: post-copy from {peer}: {e}");
+                return ExitCode::from(EXIT_GUEST_FAILED);
+            }
+            log::info!("receive: VM from {peer} resumed; its memory follows (post-copy)");
+        } else {
+            log::info!("receive: VM from {peer} restored; running it");
+        }
+        return serve_and_run(vm, api_sock);
     }
 }
 

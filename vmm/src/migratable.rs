@@ -3,7 +3,6 @@
 //! when; this file only answers its questions with KVM, the devices and the
 //! guest's enlightenment device.
 
-use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -12,7 +11,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use migrate::policy::GuestMaps;
 use migrate::progress::Progress;
-use migrate::vm::{MigratableVm, PageFilter};
+use migrate::vm::MigratableVm;
 use migrate::{Error, Result};
 
 use crate::api::ApiTarget;
@@ -76,15 +75,13 @@ impl MigratableVm for Shared {
         Ok(Shared::sync_disks(self)?)
     }
 
-    fn write_state(&self, w: &mut dyn Write, pages: Option<&mut PageFilter>) -> Result<u64> {
-        let mut pages = pages;
-        Ok(self.with_snapshot(&mut |snap| {
-            match pages.as_deref_mut() {
-                Some(filter) => crate::snapshot::write_stream(w, snap, &self.mem, filter),
-                None => crate::snapshot::write_state_only(w, snap, &self.mem),
-            }
-            .map_err(|e| format!("sending the VM state: {e}"))
-        })?)
+    fn write_state(&self) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.with_snapshot(&mut |snap| {
+            out = serde_json::to_vec(snap).map_err(|e| format!("encoding the VM state: {e}"))?;
+            Ok(out.len() as u64)
+        })?;
+        Ok(out)
     }
 
     fn enlighten_prepare(&self) -> Result<GuestMaps> {

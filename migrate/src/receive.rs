@@ -1,0 +1,371 @@
+//! The destination side of a migration, for every mode: [`accept`] waits
+//! for a source that authenticates and delivers a valid stream up to the
+//! switch-over, and hands back the VM's memory and state ([`Incoming`]).
+//! The VMM builds the VM from them, then [`Incoming::confirm`]s (or
+//! [`Incoming::refuse`]s, and the source keeps its VM). In post-copy the
+//! VM runs only after the source's `Go` ([`PostcopyIncoming::wait_go`]);
+//! its memory then follows ([`PostcopyIncoming::finish_in_background`]).
+//!
+//! The stream up to the switch-over (every message a frame, see
+//! [`crate::wire`]): `Config`; for post-copy an `Info` with the mode and
+//! the resume token (the demand connection follows at once); `Pages`
+//! (pre-copy rounds, and the pages sent at the switch-over); `FreeRanges`
+//! (enlightened); one or more `State` frames (the VM's opaque state);
+//! `Switchover`. The destination answers `Ack` with the digest of the memory
+//! it received (all pages in stop-and-copy and pre-copy), or `Abort` with a
+//! reason.
+
+use std::io::{BufReader, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::dest::Dest;
+use crate::error::{Error, Result};
+use crate::space::{decode_ranges, page_digest, zero_digest, Digests, GuestMem, PageSpace, PAGE_SIZE};
+use crate::vm::IncomingVm;
+use crate::wire::{self, Channel, FrameReader, FrameWriter, Key, Kind};
+
+/// Most VM state accepted (sum of the `State` frames).
+pub const MAX_STATE: usize = 256 << 20;
+
+/// An authenticated incoming migration, read up to the switch-over.
+pub struct Incoming {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    /// The `Config` frame's payload, as the VMM accepted it.
+    pub config: Vec<u8>,
+    pub mem: Arc<GuestMem>,
+    /// The VM's state (the `State` frames).
+    pub state: Vec<u8>,
+    /// Pages received before the switch-over (pre-copy and stop-and-copy).
+    pub pages: u64,
+    pub postcopy: Option<PostcopyIncoming>,
+    /// Digest of the memory received (stop-and-copy, pre-copy), compared by
+    /// the source with its memory at suspension.
+    pub integrity: [u8; 32],
+}
+
+impl Incoming {
+    /// Tells the source the VM is restored here (stop-and-copy, pre-copy:
+    /// the source's VM ends; post-copy: the source commits with `Go`).
+    pub fn confirm(&mut self) -> Result<()> {
+        let mut fw = FrameWriter::new(&mut self.stream);
+        fw.send(Kind::Ack, &self.integrity)?;
+        fw.flush()?;
+        Ok(())
+    }
+
+    /// Tells the source the VM could not be built here; it keeps its VM.
+    pub fn refuse(&mut self, reason: &str) {
+        if let Some(pc) = &self.postcopy {
+            pc.discard();
+        }
+        let mut fw = FrameWriter::new(&mut self.stream);
+        if fw.send(Kind::Abort, reason.as_bytes()).and_then(|_| fw.flush()).is_err() {
+            log::debug!("receive: the source is gone already");
+        }
+    }
+}
+
+/// Waits for a connection that authenticates and delivers a valid stream up
+/// to the switch-over. Strangers and broken streams are logged and refused.
+pub fn accept(listener: &TcpListener, key: &Key, vm: &dyn IncomingVm) -> Incoming {
+    loop {
+        let (mut stream, peer) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!("receive: accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+        if let Err(e) = wire::accept_handshake(&mut stream, key, Channel::Main) {
+            log::warn!("receive: refused connection from {peer}: {e}");
+            continue;
+        }
+        log::info!("receive: authenticated migration from {peer}");
+        match receive(&stream, peer, listener, key, vm) {
+            Ok(inc) => {
+                log::info!("receive: VM from {peer}, {} pages received before the switch-over", inc.pages);
+                return inc;
+            }
+            Err(e) => {
+                log::error!("receive: refused the migration from {peer}: {e}");
+                let mut fw = FrameWriter::new(&stream);
+                let _ = fw.send(Kind::Abort, e.to_string().as_bytes()).and_then(|_| fw.flush());
+            }
+        }
+    }
+}
+
+/// What the frames before the switch-over built.
+struct Received {
+    pages: u64,
+    state: Vec<u8>,
+    postcopy: Option<(Arc<Dest>, String)>,
+}
+
+fn receive(
+    stream: &TcpStream,
+    peer: SocketAddr,
+    listener: &TcpListener,
+    key: &Key,
+    vm: &dyn IncomingVm,
+) -> Result<Incoming> {
+    let br: Box<dyn Read + Send> = Box::new(BufReader::with_capacity(1 << 20, stream.try_clone()?));
+    let mut fr = FrameReader::new(br);
+    let first = fr.expect()?;
+    if first.kind != Kind::Config {
+        return Err(Error::from(format!("expected the VM configuration, got a {:?} frame", first.kind)));
+    }
+    let mem = vm.memory_for(&first.payload)?;
+    let space = PageSpace::of(&mem);
+    let digests = Digests::filled(space.pages(), zero_digest());
+    let got = frames_until_switchover(&mut fr, stream, peer, listener, key, &mem, &space, &digests)?;
+    let postcopy = match got.postcopy {
+        None => None,
+        Some((dest, mode)) => {
+            Some(PostcopyIncoming { dest, mode, rest: fr, listener: listener.try_clone()?, key: key.clone() })
+        }
+    };
+    let integrity = if postcopy.is_none() { digests.summary() } else { [0; 32] };
+    Ok(Incoming {
+        stream: stream.try_clone()?,
+        peer,
+        config: first.payload,
+        mem: Arc::new(mem),
+        state: got.state,
+        pages: got.pages,
+        postcopy,
+        integrity,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn frames_until_switchover(
+    fr: &mut FrameReader<Box<dyn Read + Send>>,
+    stream: &TcpStream,
+    peer: SocketAddr,
+    listener: &TcpListener,
+    key: &Key,
+    mem: &GuestMem,
+    space: &PageSpace,
+    digests: &Digests,
+) -> Result<Received> {
+    let mut got = Received { pages: 0, state: Vec::new(), postcopy: None };
+    loop {
+        let f = fr.expect()?;
+        match f.kind {
+            Kind::Info if got.pages == 0 && got.postcopy.is_none() => {
+                let v: serde_json::Value = serde_json::from_slice(&f.payload).unwrap_or_default();
+                let mode = v["mode"].as_str().unwrap_or("").to_owned();
+                if mode == "postcopy" || mode == "enlightened" {
+                    let dest = start_postcopy(stream, peer, listener, key, mem)?;
+                    *dest.token.lock().unwrap_or_else(|e| e.into_inner()) =
+                        v["token"].as_str().unwrap_or("").to_owned();
+                    log::info!("receive: {mode} post-copy from {peer}; guest RAM registered with userfaultfd");
+                    got.postcopy = Some((dest, mode));
+                }
+            }
+            Kind::FreeRanges => {
+                let (dest, _) = got.postcopy.as_ref().ok_or("free ranges outside a post-copy migration")?;
+                dest.note_free(&decode_ranges(&f.payload, "free ranges")?)?;
+            }
+            Kind::Pages if got.postcopy.is_none() => {
+                for (gpa, page) in wire::page_records(&f.payload)? {
+                    if gpa % PAGE_SIZE != 0 {
+                        return Err(Error::from(format!("page address {gpa:#x} is not aligned")));
+                    }
+                    let i = space.index(gpa).ok_or(Error::NotRam(gpa))?;
+                    mem.write_slice(page, GuestAddress(gpa)).map_err(|_| Error::NotRam(gpa))?;
+                    digests.set(i, page_digest(page));
+                    got.pages += 1;
+                }
+            }
+            Kind::State => {
+                if got.state.len() + f.payload.len() > MAX_STATE {
+                    return Err(Error::from(format!("the VM state exceeds {MAX_STATE} bytes")));
+                }
+                got.state.extend_from_slice(&f.payload);
+            }
+            Kind::Switchover if !got.state.is_empty() => return Ok(got),
+            Kind::Abort => {
+                return Err(Error::Aborted { by: "source", reason: String::from_utf8_lossy(&f.payload).into_owned() })
+            }
+            other => return Err(Error::from(format!("unexpected {other:?} frame before the switch-over"))),
+        }
+    }
+}
+
+/// Registers guest RAM (untouched so far) with userfaultfd, accepts the
+/// demand connection and starts the fault and demand threads.
+fn start_postcopy(
+    stream: &TcpStream,
+    peer: SocketAddr,
+    listener: &TcpListener,
+    key: &Key,
+    mem: &GuestMem,
+) -> Result<Arc<Dest>> {
+    let dest = Arc::new(Dest::register(mem)?);
+    let demand = accept_demand(listener, key, peer)?;
+    dest.set_sockets(vec![stream.try_clone()?, demand.try_clone()?]);
+    let reader = demand.try_clone()?;
+    let (d1, d2) = (dest.clone(), dest.clone());
+    std::thread::Builder::new().name("postcopy-faults".into()).spawn(move || d1.fault_loop(demand))?;
+    std::thread::Builder::new().name("postcopy-demand".into()).spawn(move || d2.demand_reader(reader))?;
+    Ok(dest)
+}
+
+/// The destination's half of a post-copy migration in progress: guest RAM
+/// registered with userfaultfd, demand faults already served, the main
+/// connection positioned after the switch-over.
+pub struct PostcopyIncoming {
+    pub dest: Arc<Dest>,
+    pub mode: String,
+    rest: FrameReader<Box<dyn Read + Send>>,
+    /// The listener, for the source to reconnect on if a connection breaks.
+    listener: TcpListener,
+    key: Key,
+}
+
+/// The guest's progress sampler for the destination's timeline: called on
+/// its own thread with the flag that ends it and the samples `(unix ms, ops)`.
+pub type Sampler = Box<dyn FnOnce(Arc<AtomicBool>, Arc<Mutex<Vec<(u64, u64)>>>) + Send>;
+
+impl PostcopyIncoming {
+    /// Waits for the source's `Go` (the switch-over is committed).
+    pub fn wait_go(&mut self, stream: &TcpStream) -> Result<()> {
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let f = self.rest.expect().map_err(|e| format!("waiting for the source to commit: {e}"))?;
+        stream.set_read_timeout(None)?;
+        match f.kind {
+            Kind::Go => Ok(()),
+            Kind::Abort => {
+                Err(Error::Aborted { by: "source", reason: String::from_utf8_lossy(&f.payload).into_owned() })
+            }
+            other => Err(Error::from(format!("expected the source's commit, got a {other:?} frame"))),
+        }
+    }
+
+    /// Runs the rest of the migration on background threads: pushed pages,
+    /// completion, acknowledgement, reconnections; `sample` records the
+    /// guest's progress for the report.
+    pub fn finish_in_background(self, stream: &TcpStream, sample: Sampler) -> Result<()> {
+        let PostcopyIncoming { dest, rest, listener, key, .. } = self;
+        *dest.resumed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        let (stop, tl) = (dest.sampling_done.clone(), dest.timeline.clone());
+        std::thread::spawn(move || sample(stop, tl));
+        let main = stream.try_clone()?;
+        let d = dest.clone();
+        std::thread::Builder::new().name("postcopy-free".into()).spawn(move || d.zero_free_pages())?;
+        let d = dest.clone();
+        std::thread::Builder::new().name("postcopy-main".into()).spawn(move || {
+            // The confirmation was frame 0 of this side.
+            if let Err(e) = d.main_reader((rest, main, 1)) {
+                log::error!("post-copy: {e}");
+            }
+            d.sampling_done.store(true, Ordering::Release);
+        })?;
+        std::thread::Builder::new()
+            .name("postcopy-resume".into())
+            .spawn(move || accept_reconnections(&dest, &listener, &key))?;
+        Ok(())
+    }
+
+    /// Gives up on this migration: ends the fault threads.
+    pub fn discard(&self) {
+        self.dest.done.store(true, Ordering::Release);
+    }
+}
+
+/// Accepts a post-copy source's reconnections (after a broken connection)
+/// until every page is present and a while after.
+fn accept_reconnections(dest: &Arc<Dest>, listener: &TcpListener, key: &Key) {
+    if listener.set_nonblocking(true).is_err() {
+        return;
+    }
+    let mut done_since: Option<Instant> = None;
+    loop {
+        if dest.done.load(Ordering::Acquire) {
+            let t = *done_since.get_or_insert_with(Instant::now);
+            if t.elapsed() > Duration::from_secs(30) {
+                return;
+            }
+        }
+        let (s, peer) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+            Err(e) => {
+                log::warn!("post-copy: accepting a reconnection: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+        };
+        if let Err(e) = reattach(dest, listener, key, s, peer) {
+            log::warn!("post-copy: reconnection from {peer}: {e}");
+        }
+        let _ = listener.set_nonblocking(true);
+    }
+}
+
+/// Authenticates a reconnecting source, checks its resume token, accepts its
+/// demand connection and hands both to the destination's threads.
+fn reattach(dest: &Arc<Dest>, listener: &TcpListener, key: &Key, mut s: TcpStream, peer: SocketAddr) -> Result<()> {
+    s.set_nonblocking(false)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    wire::accept_handshake(&mut s, key, Channel::Main)?;
+    let mut fr: FrameReader<Box<dyn Read + Send>> =
+        FrameReader::new(Box::new(BufReader::with_capacity(1 << 20, s.try_clone()?)));
+    let token = dest.token.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let f = fr.expect()?;
+    if f.kind != Kind::Info {
+        return Err(Error::from(format!("{:?} instead of a resume request", f.kind)));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&f.payload).unwrap_or_default();
+    if v["resume"].as_str() != Some(token.as_str()) || token.is_empty() {
+        return Err(Error::from("it asked to resume another migration"));
+    }
+    let demand = accept_demand(listener, key, peer)?;
+    s.set_read_timeout(None)?;
+    dest.reattach(fr, s, demand)
+}
+
+/// Accepts the demand connection of a post-copy migration (within 10 s).
+fn accept_demand(listener: &TcpListener, key: &Key, peer: SocketAddr) -> Result<TcpStream> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    listener.set_nonblocking(true)?;
+    let r = loop {
+        if Instant::now() > deadline {
+            break Err(Error::from(format!("{peer} did not open the demand connection")));
+        }
+        match listener.accept() {
+            Ok((mut s, from)) => {
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_nodelay(true);
+                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                match wire::accept_handshake(&mut s, key, Channel::Demand) {
+                    Ok(()) => {
+                        let _ = s.set_read_timeout(None);
+                        crate::transport::mark_interactive(&s);
+                        break Ok(s);
+                    }
+                    Err(e) => log::warn!("receive: refused a demand connection from {from}: {e}"),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
+            Err(e) => break Err(Error::from(format!("accepting the demand connection: {e}"))),
+        }
+    };
+    listener.set_nonblocking(false)?;
+    r
+}
