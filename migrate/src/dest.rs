@@ -371,7 +371,7 @@ impl Dest {
         let mut fw = FrameWriter::new(&mut w);
         let io = |e: wire::WireError| format!("answering the reconnection: {e}");
         fw.send(Kind::Info, json!({"resumed": true, "missing": n}).to_string().as_bytes()).map_err(io)?;
-        send_ranges(&mut fw, Kind::FreeRanges, &missing)?;
+        send_ranges(&mut fw, Kind::Missing, &missing)?;
         fw.send(Kind::Complete, &[]).map_err(io)?;
         fw.flush().map_err(io)?;
         let wseq = fw.next_seq();

@@ -31,6 +31,7 @@ use crate::error::{Error, Result};
 use crate::policy::{self, GuestMaps, Precopy, Round, RoundStats};
 use crate::progress::Mode;
 use crate::push::Source;
+use crate::report::{ByteCounts, Integrity, PageCounts, Postcopy, Report, Timeline};
 use crate::space::{self, Digests, PageSpace, PAGE_SIZE};
 use crate::transport::{self, SharedCounting};
 use crate::vm::MigratableVm;
@@ -126,7 +127,7 @@ fn await_ack(fr: &mut Reader, stream: &TcpStream) -> Result<[u8; 32]> {
 /// Migrates `vm` to the destination `to` (host:port) in `mode`. On success
 /// the VM runs there, [`MigratableVm::migrated`] was called and the report
 /// is returned; on failure before the commit the VM keeps running here.
-pub fn migrate(vm: &dyn MigratableVm, to: &str, key: &Key, mode: Mode) -> Result<Value> {
+pub fn migrate(vm: &dyn MigratableVm, to: &str, key: &Key, mode: Mode) -> Result<Report> {
     let status = vm.status();
     if status.json().is_some() {
         return Err(Error::from("a migration is already in progress"));
@@ -145,7 +146,7 @@ pub fn migrate(vm: &dyn MigratableVm, to: &str, key: &Key, mode: Mode) -> Result
 }
 
 /// Stop-and-copy and pre-copy.
-fn copy(vm: &dyn MigratableVm, to: &str, stream: &TcpStream, mode: Mode, t0: Instant) -> Result<Value> {
+fn copy(vm: &dyn MigratableVm, to: &str, stream: &TcpStream, mode: Mode, t0: Instant) -> Result<Report> {
     let mut paused_here = false;
     let mut logging = false;
     let result = copy_over(vm, stream, mode, t0, &mut paused_here, &mut logging);
@@ -156,7 +157,7 @@ fn copy(vm: &dyn MigratableVm, to: &str, stream: &TcpStream, mode: Mode, t0: Ins
     }
     match result {
         Ok(report) => {
-            log::info!("migrated to {to}: {report}");
+            log::info!("migrated to {to}: {}", report.to_json());
             // The VM stays paused here; it ends once the reply is out.
             vm.migrated();
             Ok(report)
@@ -217,7 +218,7 @@ fn copy_over(
     t0: Instant,
     paused_here: &mut bool,
     logging: &mut bool,
-) -> Result<Value> {
+) -> Result<Report> {
     let mut fw = writer(vm, stream)?;
     fw.send(Kind::Config, &vm.config()?).map_err(sending)?;
     let (rounds, mut last) = if mode == Mode::Precopy {
@@ -261,30 +262,23 @@ fn copy_over(
         log::error!("migration: destination memory differs from the source's at suspension");
     }
     let execution_transfer = if mode == Mode::Precopy { total } else { downtime };
-    Ok(json!({
-        "mode": mode.name(),
-        "to": stream.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
-        "downtime_ms": downtime,
-        "execution_transfer_ms": execution_transfer,
-        "total_duration_ms": total,
-        "bytes": {"precopy": precopy_bytes, "stop_and_copy": final_bytes},
-        "pages_at_switchover": final_pages,
-        "free_pages_sent": 0,
-        "rounds": rounds,
-        "timeline": {
-            "epoch_ms": crate::report::unix_ms() - t0.elapsed().as_millis() as u64,
-            "source": vm.progress(),
+    Ok(Report {
+        mode: mode.name().into(),
+        to: stream.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+        execution_transfer_ms: execution_transfer,
+        downtime_ms: downtime,
+        total_duration_ms: total,
+        bytes: ByteCounts { precopy: precopy_bytes, stop_and_copy: final_bytes, ..Default::default() },
+        free_pages_sent: 0,
+        rounds,
+        integrity: Integrity::of(src_digest, dest_digest, PageSpace::of(&**vm.memory()).pages()),
+        timeline: Timeline {
+            epoch_ms: crate::report::unix_ms() - t0.elapsed().as_millis() as u64,
+            source: vm.progress(),
+            destination: None,
         },
-        "integrity": integrity(src_digest, dest_digest, PageSpace::of(&**vm.memory()).pages()),
-    }))
-}
-
-fn integrity(src: [u8; 32], dest: [u8; 32], pages: u64) -> Value {
-    json!({
-        "match": src == dest,
-        "source": blake3::Hash::from(src).to_hex().to_string(),
-        "destination": blake3::Hash::from(dest).to_hex().to_string(),
-        "pages_compared": pages,
+        pages_at_switchover: Some(final_pages),
+        postcopy: None,
     })
 }
 
@@ -325,7 +319,7 @@ struct Switched {
 }
 
 /// Post-copy and enlightened post-copy.
-fn postcopy(vm: &dyn MigratableVm, to: &str, key: &Key, stream: TcpStream, mode: Mode, t0: Instant) -> Result<Value> {
+fn postcopy(vm: &dyn MigratableVm, to: &str, key: &Key, stream: TcpStream, mode: Mode, t0: Instant) -> Result<Report> {
     let mut fw = writer(vm, &stream)?;
     fw.send(Kind::Config, &vm.config()?).map_err(sending)?;
     let token = transport::new_token();
@@ -383,7 +377,8 @@ fn postcopy(vm: &dyn MigratableVm, to: &str, key: &Key, stream: TcpStream, mode:
     vm.migrated();
 
     let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let integrity_ok = source.summary() == pushed.digest;
+    let integrity = Integrity::of(source.summary(), pushed.digest, source.space.pages());
+    let integrity_ok = integrity.matches;
     let dest = pushed.destination;
     let push_bytes: u64 = pushed.rounds.iter().filter_map(|r| r["bytes"].as_u64()).sum();
     let classes: serde_json::Map<String, Value> = pushed
@@ -395,42 +390,45 @@ fn postcopy(vm: &dyn MigratableVm, to: &str, key: &Key, stream: TcpStream, mode:
             (r["name"].as_str().unwrap_or("?").to_owned(), c)
         })
         .collect();
-    let report = json!({
-        "mode": mode.name(),
-        "to": to,
-        "enlightenment_ms": enlightenment_ms,
-        "suspension_ms": switched.suspension_ms,
-        "state_transfer_ms": ms(switched.t_state - switched.t_pause),
-        "execution_transfer_ms": execution_transfer_ms,
-        "downtime_ms": downtime_ms,
-        "total_duration_ms": pushed.total_ms,
-        "bytes": {
-            "precopy": 0,
-            "state": switched.state_bytes,
-            "push": push_bytes,
-            "demand": ld(&source.demand_bytes),
-            "free_info": switched.free_info,
+    let report = Report {
+        mode: mode.name().into(),
+        to: to.into(),
+        execution_transfer_ms,
+        downtime_ms,
+        total_duration_ms: pushed.total_ms,
+        bytes: ByteCounts {
+            state: switched.state_bytes,
+            push: push_bytes,
+            demand: ld(&source.demand_bytes),
+            free_info: switched.free_info,
+            ..Default::default()
         },
-        "pages": {
-            "total": source.space.pages(),
-            "free": maps.as_ref().map(|m| m.free_bitmap().count_free()).unwrap_or(0),
-            "demand": ld(&source.demand_pages),
-            "demand_duplicates": ld(&source.demand_duplicates),
+        free_pages_sent: ld(&source.free_pages_sent),
+        rounds: pushed.rounds,
+        integrity,
+        timeline: Timeline {
+            epoch_ms: crate::report::unix_ms() - t0.elapsed().as_millis() as u64,
+            source: vm.progress(),
+            destination: Some(dest["timeline"].clone()),
         },
-        "free_pages_sent": ld(&source.free_pages_sent),
-        "reconnections": pushed.reconnections,
-        "enlightenment": maps.as_ref().map(|m| m.summary.clone()),
-        "rounds": pushed.rounds,
-        "classes": classes,
-        "fault_latency_ms": dest["fault_latency_ms"].clone(),
-        "integrity": integrity(source.summary(), pushed.digest, source.space.pages()),
-        "timeline": {
-            "epoch_ms": crate::report::unix_ms() - t0.elapsed().as_millis() as u64,
-            "source": vm.progress(),
-            "destination": dest["timeline"].clone(),
-        },
-        "destination": dest,
-    });
+        pages_at_switchover: None,
+        postcopy: Some(Postcopy {
+            enlightenment_ms,
+            suspension_ms: switched.suspension_ms,
+            state_transfer_ms: ms(switched.t_state - switched.t_pause),
+            pages: PageCounts {
+                total: source.space.pages(),
+                free: maps.as_ref().map(|m| m.free_bitmap().count_free()).unwrap_or(0),
+                demand: ld(&source.demand_pages),
+                demand_duplicates: ld(&source.demand_duplicates),
+            },
+            reconnections: pushed.reconnections,
+            enlightenment: maps.as_ref().map(|m| m.summary.clone()),
+            classes,
+            fault_latency_ms: dest["fault_latency_ms"].clone(),
+            destination: dest,
+        }),
+    };
     log::info!(
         "migrated to {to} ({}): total {:.0} ms, integrity {}",
         mode.name(),
@@ -439,7 +437,7 @@ fn postcopy(vm: &dyn MigratableVm, to: &str, key: &Key, stream: TcpStream, mode:
     );
     if !integrity_ok {
         log::error!("post-copy: destination memory differs from the source's at suspension");
-        return Err(Error::from(format!("integrity check failed: {report}")));
+        return Err(Error::from(format!("integrity check failed: {}", report.to_json())));
     }
     Ok(report)
 }
@@ -586,7 +584,7 @@ fn reconnect(vm: &dyn MigratableVm, to: &str, key: &Key, token: &str, source: &S
     loop {
         let f = fr.expect()?;
         match f.kind {
-            Kind::FreeRanges => {
+            Kind::Missing => {
                 for (pfn, count) in space::decode_ranges(&f.payload, "missing ranges")? {
                     for (first, n) in source.space.clip(pfn, count) {
                         for i in first..first + n {

@@ -19,6 +19,38 @@
 //! connection, so a dropped, duplicated or reordered frame is detected; the
 //! CRC covers the header fields and the payload, so corruption is detected.
 //! `len` is bounded by [`MAX_PAYLOAD`]; unknown kinds are refused.
+//!
+//! # A migration (protocol version 2: every message a frame)
+//! ```text
+//!  source                                   destination
+//!  ── main connection ─────────────────────────────────────────────────
+//!  handshake (Channel::Main)          ⇄
+//!  Config {VM shape}                  →     maps guest memory for it
+//!  Info {mode, token}  (post-copy)    →     registers it with userfaultfd
+//!  ── demand connection (post-copy) ───────────────────────────────────
+//!  handshake (Channel::Demand)        ⇄     fault thread starts
+//!  ── main ────────────────────────────────────────────────────────────
+//!  Pages* (pre-copy rounds, VM running)→    written, digested
+//!  · pause the VM ·
+//!  Pages* (stop-and-copy / the dirty rest)→ written, digested
+//!  FreeRanges* (enlightened)          →     noted: mapped as zero, never fetched
+//!  State+ {opaque VM state}           →
+//!  Switchover                         →     the VMM builds the VM
+//!                                     ←     Ack {digest of memory received}
+//!                                           or Abort {reason}: the source resumes
+//!  · stop-and-copy, pre-copy: the source's VM ends; the destination runs ·
+//!  Go (post-copy: the commit)         →     the VM runs here
+//!  Round, Pages*, Zero* (per round)   →     UFFDIO_COPY / UFFDIO_ZEROPAGE
+//!  Complete                           →
+//!                                     ←     Ack {digest}, Info {statistics}
+//!  ── demand connection, meanwhile ────────────────────────────────────
+//!                                     ←     Request {gpa...}  (a vCPU faulted)
+//!  Pages {the requested pages}        →     UFFDIO_COPY, the vCPU goes on
+//!  ── after a broken link (post-copy, after Go) ───────────────────────
+//!  handshake, Info {resume: token}    →
+//!                                     ←     Info {missing}, Missing*, Complete
+//!  handshake (demand), push resumes   →
+//! ```
 
 use std::io::{self, Read, Write};
 
@@ -78,6 +110,9 @@ pub enum Kind {
     /// switch-over by answering with this frame, and only then does the
     /// destination resume it.
     Go = 13,
+    /// Answer to a reconnecting post-copy source: ranges of pages the
+    /// destination still lacks, `{u64 first_pfn, u64 count}` repeated.
+    Missing = 14,
 }
 
 impl Kind {
@@ -97,6 +132,7 @@ impl Kind {
             11 => Info,
             12 => Zero,
             13 => Go,
+            14 => Missing,
             _ => return None,
         })
     }
@@ -485,12 +521,12 @@ mod tests {
         c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         let _ = c.read(&mut [0u8; 64]);
         drop(c);
-        // A future version.
+        // Version 1 (before every message was a frame).
         let mut c = TcpStream::connect(addr).unwrap();
         let mut their = [0u8; 48];
         c.read_exact(&mut their).unwrap();
         let mut h = hello(Channel::Main, &[0; 32]);
-        h[8..12].copy_from_slice(&2u32.to_le_bytes());
+        h[8..12].copy_from_slice(&1u32.to_le_bytes());
         c.write_all(&h).unwrap();
         c.write_all(&[0u8; 32]).unwrap();
         let _ = c.read(&mut [0u8; 64]);
@@ -499,7 +535,7 @@ mod tests {
         drop(TcpStream::connect(addr).unwrap());
         let r = t.join().unwrap();
         assert!(matches!(r[0], Err(WireError::BadMagic)), "{:?}", r[0]);
-        assert!(matches!(r[1], Err(WireError::BadVersion(2))), "{:?}", r[1]);
+        assert!(matches!(r[1], Err(WireError::BadVersion(1))), "{:?}", r[1]);
         // Depending on timing the hang-up reads as EOF or as a reset.
         assert!(matches!(r[2], Err(WireError::Truncated) | Err(WireError::Io(_))), "{:?}", r[2]);
     }

@@ -210,7 +210,7 @@ fn migrate_in(mode: Mode) -> Value {
             (inc, None)
         }
     });
-    let report = migrate::source::migrate(&vm, &to, &key, mode).unwrap_or_else(|e| panic!("{mode:?}: {e}"));
+    let report = migrate::source::migrate(&vm, &to, &key, mode).unwrap_or_else(|e| panic!("{mode:?}: {e}")).to_json();
     let (inc, pc) = dest.join().unwrap();
     if let Some(d) = pc {
         assert!(d.done.load(Ordering::Acquire), "every page present once the source is acknowledged");

@@ -428,7 +428,7 @@ impl ApiTarget for Shared {
         let mode = Mode::parse(req.get("mode").and_then(Value::as_str).unwrap_or("enlightened"))?;
         let key_file = req.get("key_file").and_then(Value::as_str).ok_or("migrate needs \"key_file\"")?;
         let key = migrate::transport::load_key(std::path::Path::new(key_file))?;
-        Ok(migrate::source::migrate(self, to, &key, mode)?)
+        Ok(migrate::source::migrate(self, to, &key, mode)?.to_json())
     }
 }
 
