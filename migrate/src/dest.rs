@@ -370,7 +370,8 @@ impl Dest {
         let mut w = main.try_clone().map_err(|e| e.to_string())?;
         let mut fw = FrameWriter::new(&mut w);
         let io = |e: wire::WireError| format!("answering the reconnection: {e}");
-        fw.send(Kind::Info, json!({"resumed": true, "missing": n}).to_string().as_bytes()).map_err(io)?;
+        fw.send(Kind::Info, &wire::control::encode(&wire::control::Resumed { resumed: true, missing: n }))
+            .map_err(io)?;
         send_ranges(&mut fw, Kind::Missing, &missing)?;
         fw.send(Kind::Complete, &[]).map_err(io)?;
         fw.flush().map_err(io)?;

@@ -27,7 +27,7 @@ use crate::dest::Dest;
 use crate::error::{Error, Result};
 use crate::space::{decode_ranges, page_digest, zero_digest, Digests, GuestMem, PageSpace, PAGE_SIZE};
 use crate::vm::IncomingVm;
-use crate::wire::{self, Channel, FrameReader, FrameWriter, Key, Kind};
+use crate::wire::{self, control, Channel, FrameReader, FrameWriter, Key, Kind};
 
 /// Most VM state accepted (sum of the `State` frames).
 pub const MAX_STATE: usize = 256 << 20;
@@ -163,15 +163,14 @@ fn frames_until_switchover(
         let f = fr.expect()?;
         match f.kind {
             Kind::Info if got.pages == 0 && got.postcopy.is_none() => {
-                let v: serde_json::Value = serde_json::from_slice(&f.payload).unwrap_or_default();
-                let mode = v["mode"].as_str().unwrap_or("").to_owned();
-                if mode == "postcopy" || mode == "enlightened" {
-                    let dest = start_postcopy(stream, peer, listener, key, mem)?;
-                    *dest.token.lock().unwrap_or_else(|e| e.into_inner()) =
-                        v["token"].as_str().unwrap_or("").to_owned();
-                    log::info!("receive: {mode} post-copy from {peer}; guest RAM registered with userfaultfd");
-                    got.postcopy = Some((dest, mode));
+                let start: control::Start = control::decode(&f.payload, "start message")?;
+                if start.mode != "postcopy" && start.mode != "enlightened" {
+                    return Err(Error::from(format!("unknown post-copy mode `{}`", start.mode)));
                 }
+                let dest = start_postcopy(stream, peer, listener, key, mem)?;
+                *dest.token.lock().unwrap_or_else(|e| e.into_inner()) = start.token;
+                log::info!("receive: {} post-copy from {peer}; guest RAM registered with userfaultfd", start.mode);
+                got.postcopy = Some((dest, start.mode));
             }
             Kind::FreeRanges => {
                 let (dest, _) = got.postcopy.as_ref().ok_or("free ranges outside a post-copy migration")?;
@@ -331,8 +330,8 @@ fn reattach(dest: &Arc<Dest>, listener: &TcpListener, key: &Key, mut s: TcpStrea
     if f.kind != Kind::Info {
         return Err(Error::from(format!("{:?} instead of a resume request", f.kind)));
     }
-    let v: serde_json::Value = serde_json::from_slice(&f.payload).unwrap_or_default();
-    if v["resume"].as_str() != Some(token.as_str()) || token.is_empty() {
+    let resume: control::Resume = control::decode(&f.payload, "resume request")?;
+    if resume.resume != token || token.is_empty() {
         return Err(Error::from("it asked to resume another migration"));
     }
     let demand = accept_demand(listener, key, peer)?;

@@ -35,7 +35,7 @@ use crate::report::{ByteCounts, Integrity, PageCounts, Postcopy, Report, Timelin
 use crate::space::{self, Digests, PageSpace, PAGE_SIZE};
 use crate::transport::{self, SharedCounting};
 use crate::vm::MigratableVm;
-use crate::wire::{self, Channel, FrameReader, FrameWriter, Key, Kind};
+use crate::wire::{self, control, Channel, FrameReader, FrameWriter, Key, Kind};
 use crate::PUSH_BATCH;
 
 type Writer = FrameWriter<BufWriter<SharedCounting<TcpStream>>>;
@@ -323,7 +323,8 @@ fn postcopy(vm: &dyn MigratableVm, to: &str, key: &Key, stream: TcpStream, mode:
     let mut fw = writer(vm, &stream)?;
     fw.send(Kind::Config, &vm.config()?).map_err(sending)?;
     let token = transport::new_token();
-    fw.send(Kind::Info, json!({"mode": mode.name(), "token": token}).to_string().as_bytes()).map_err(sending)?;
+    let start = control::Start { mode: mode.name().into(), token: token.clone() };
+    fw.send(Kind::Info, &control::encode(&start)).map_err(sending)?;
     fw.flush().map_err(sending)?;
     let demand = transport::connect_channel(to, key, Channel::Demand)?;
     transport::mark_interactive(&demand);
@@ -570,7 +571,7 @@ fn push_once(
 fn reconnect(vm: &dyn MigratableVm, to: &str, key: &Key, token: &str, source: &Source) -> Result<Links> {
     let stream = transport::connect_channel(to, key, Channel::Main)?;
     let mut fw = writer(vm, &stream)?;
-    fw.send(Kind::Info, json!({"resume": token}).to_string().as_bytes())?;
+    fw.send(Kind::Info, &control::encode(&control::Resume { resume: token.into() }))?;
     fw.flush()?;
     let demand = transport::connect_channel(to, key, Channel::Demand)?;
     transport::mark_interactive(&demand);
@@ -580,6 +581,8 @@ fn reconnect(vm: &dyn MigratableVm, to: &str, key: &Key, token: &str, source: &S
     if info.kind != Kind::Info {
         return Err(Error::from(format!("the destination answered {:?} to the resume request", info.kind)));
     }
+    let answer: control::Resumed = control::decode(&info.payload, "resume answer")?;
+    log::info!("post-copy: the destination resumes the migration ({} pages missing)", answer.missing);
     let mut missing = 0;
     loop {
         let f = fr.expect()?;

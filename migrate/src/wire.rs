@@ -138,6 +138,44 @@ impl Kind {
     }
 }
 
+/// The control messages `Info` frames carry (JSON objects).
+pub mod control {
+    use serde::de::DeserializeOwned;
+    use serde::{Deserialize, Serialize};
+
+    use super::WireError;
+
+    /// Source to destination, after `Config` (post-copy modes): the mode and
+    /// the token a reconnecting source presents.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Start {
+        pub mode: String,
+        pub token: String,
+    }
+
+    /// A reconnecting post-copy source: which migration it continues.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Resume {
+        pub resume: String,
+    }
+
+    /// The destination's answer to [`Resume`]; `Missing` frames follow.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Resumed {
+        pub resumed: bool,
+        /// Pages the destination still lacks.
+        pub missing: u64,
+    }
+
+    pub fn encode<T: Serialize>(m: &T) -> Vec<u8> {
+        serde_json::to_vec(m).expect("control messages serialize")
+    }
+
+    pub fn decode<T: DeserializeOwned>(payload: &[u8], what: &'static str) -> Result<T, WireError> {
+        serde_json::from_slice(payload).map_err(|_| WireError::Malformed(what))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
     #[error("connection: {0}")]
@@ -489,6 +527,17 @@ mod tests {
         let src = connect_handshake(&mut c, &src_key, src_ch);
         drop(c);
         (t.join().unwrap(), src)
+    }
+
+    #[test]
+    fn control_messages_are_typed() {
+        let m = control::Start { mode: "enlightened".into(), token: "t".into() };
+        assert_eq!(control::decode::<control::Start>(&control::encode(&m), "start").unwrap(), m);
+        assert!(matches!(
+            control::decode::<control::Start>(b"{\"mode\": 1}", "start"),
+            Err(WireError::Malformed("start"))
+        ));
+        assert!(control::decode::<control::Resume>(b"\xff", "resume").is_err());
     }
 
     #[test]

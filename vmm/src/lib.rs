@@ -18,11 +18,13 @@
 pub mod api;
 pub mod appliance_cmd;
 pub mod arch;
+pub mod builder;
 pub mod bus;
 pub mod console;
 pub mod control;
 pub mod cpuid;
 pub mod devices;
+pub mod enlighten;
 pub mod error;
 pub mod linux;
 pub mod memory;

@@ -1,43 +1,34 @@
 //! A VM: KVM VM and vCPUs, guest memory, buses and devices, boot setup, and
 //! the run loop that ends with an [`Outcome`].
 
-use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_mp_state, kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde_json::{json, Value};
-use vm_superio::Serial;
-use vmm_sys_util::eventfd::EventFd;
 
-use testbed_abi::{VirtioMmioDevice, WorkloadSpec, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use testbed_abi::{WorkloadSpec, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 
 use crate::api::ApiTarget;
 use crate::bus::Bus;
 use crate::control::{Control, ExitReason};
-use crate::devices::legacy::{self, ExitPort, IrqfdTrigger, ParkPort, SerialDevice, SerialSink, I8042};
+use crate::devices::legacy::SerialDevice;
 use crate::devices::virtio::{VirtioBlockHandle, VirtioEnlightenHandle};
-use crate::error::kvm_err;
 pub use crate::error::VmError;
-use crate::memory::{self, GuestMem};
-use crate::snapshot::{DevicesState, SerialSnapshot, Snapshot, SnapshotConfig, SnapshotReader};
+use crate::memory::GuestMem;
+use crate::snapshot::{DevicesState, SerialSnapshot, Snapshot, SnapshotConfig};
 use crate::testbed;
 use crate::vcpu::{self, VcpuContext, VcpuStates, VcpuThread};
 use crate::vstate::VmState;
 use migrate::progress::Mode;
 
-/// How long the guest may take to answer an enlightenment command (a
-/// loaded Linux guest under nested emulation takes seconds).
-const ENLIGHTEN_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Most vCPUs a Linux guest may have (MP table APIC IDs are 8-bit).
 pub const MAX_VCPUS_LINUX: u32 = 254;
 /// Legacy IRQ of COM1.
-const SERIAL_IRQ: u32 = 4;
+pub(crate) const SERIAL_IRQ: u32 = 4;
 
 /// What the VM boots.
 #[derive(Clone, Debug)]
@@ -105,7 +96,7 @@ pub fn remap_disks(disks: &[PathBuf], map: &[(PathBuf, PathBuf)]) -> Result<Vec<
 }
 
 /// The virtio-mmio window number `i` (0 = the first disk's).
-fn window(i: usize) -> crate::snapshot::DeviceWindow {
+pub(crate) fn window(i: usize) -> crate::snapshot::DeviceWindow {
     crate::snapshot::DeviceWindow {
         base: VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE,
         irq: VIRTIO_IRQ_BASE + i as u32,
@@ -232,99 +223,6 @@ impl Shared {
         result
     }
 
-    /// Asks the guest for its free bitmap and priority map (Prepare, Ready,
-    /// read the maps). On success the guest holds its free frames until
-    /// [`Self::enlighten_release`]; on failure they are released already.
-    pub fn enlighten_prepare(&self) -> Result<Enlightenment, String> {
-        use bitmap_abi::{FreeBitmap, PriorityMap};
-        let dev = self.enlighten.as_ref().ok_or("this VM has no enlightenment device (testbed guests only)")?;
-        let h = dev.handle();
-        let abort = || {
-            if h.send_abort().is_ok() {
-                let _ = h.wait_ack(Duration::from_secs(1));
-            }
-        };
-        if h.phase() == virtio_devices::Phase::Failed {
-            abort();
-        }
-        let t0 = Instant::now();
-        h.request_prepare(bitmap_abi::wire::DEFAULT_ACTIVE_WINDOW_MS).map_err(|e| format!("Prepare: {e}"))?;
-        let ready = h.wait_ready(ENLIGHTEN_TIMEOUT).map_err(|e| {
-            abort();
-            format!("waiting for Ready: {e}")
-        })?;
-        let ready_at = t0.elapsed();
-        let t1 = Instant::now();
-        let (free, prio) = h.read_maps(&*self.mem, &ready).map_err(|e| {
-            abort();
-            format!("reading the maps: {e}")
-        })?;
-        let frames = ready.frames();
-        if let Err(e) = FreeBitmap::new(&free, frames).and_then(|_| PriorityMap::new(&prio, frames)) {
-            abort();
-            return Err(format!("maps: {e}"));
-        }
-        Ok(Enlightenment { ready, free, prio, prepare_to_ready: ready_at, read_maps: t1.elapsed() })
-    }
-
-    /// Tells the guest it may use its free frames again (Done, Ack).
-    pub fn enlighten_release(&self) -> Result<Duration, String> {
-        let dev = self.enlighten.as_ref().ok_or("this VM has no enlightenment device")?;
-        let h = dev.handle();
-        let t = Instant::now();
-        h.send_done().map_err(|e| format!("Done: {e}"))?;
-        h.wait_ack(ENLIGHTEN_TIMEOUT).map_err(|e| format!("waiting for Ack: {e}"))?;
-        Ok(t.elapsed())
-    }
-
-    /// A restored VM (snapshot, migration destination, appliance) whose
-    /// guest was asked for its maps on another host before it was saved may
-    /// still hold its free frames for that request: nobody here will read
-    /// them, so the guest gets them back (Done after a Ready, Abort of a
-    /// Prepare still outstanding, or the delivery of a restored Done/Abort).
-    pub fn settle_enlightenment(&self) -> Result<Option<&'static str>, String> {
-        use virtio_devices::Phase;
-        let Some(dev) = self.enlighten.as_ref() else { return Ok(None) };
-        let h = dev.handle();
-        let what = match h.phase() {
-            Phase::Idle => return Ok(None),
-            Phase::Ready => {
-                self.enlighten_release()?;
-                "Done"
-            }
-            Phase::Preparing | Phase::Failed => {
-                h.send_abort().map_err(|e| format!("Abort: {e}"))?;
-                h.wait_ack(ENLIGHTEN_TIMEOUT).map_err(|e| format!("waiting for Ack: {e}"))?;
-                "Abort"
-            }
-            Phase::Releasing => {
-                dev.deliver_pending();
-                h.wait_ack(ENLIGHTEN_TIMEOUT).map_err(|e| format!("waiting for Ack: {e}"))?;
-                "the restored release"
-            }
-        };
-        Ok(Some(what))
-    }
-
-    /// Asks the guest for its free bitmap and priority map over the
-    /// enlightenment device (Prepare, Ready, read the maps, Done, Ack) and
-    /// summarises them.
-    pub fn enlighten(&self) -> Result<Value, String> {
-        let t0 = Instant::now();
-        let e = self.enlighten_prepare()?;
-        let summary = e.summary();
-        let ack_time = self.enlighten_release()?;
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        let mut v = summary;
-        v["host"] = json!({
-            "prepare_to_ready_ms": ms(e.prepare_to_ready),
-            "read_maps_ms": ms(e.read_maps),
-            "done_to_ack_ms": ms(ack_time),
-            "total_ms": ms(t0.elapsed()),
-        });
-        Ok(v)
-    }
-
     /// Samples the testbed guest's progress every 100 ms until the VM ends.
     fn sample_progress(&self) {
         migrate::report::every_100ms(|| {
@@ -432,42 +330,6 @@ impl ApiTarget for Shared {
     }
 }
 
-/// The guest's maps, read after its Ready reply.
-pub struct Enlightenment {
-    pub ready: virtio_devices::Ready,
-    pub free: Vec<u8>,
-    pub prio: Vec<u8>,
-    pub prepare_to_ready: Duration,
-    pub read_maps: Duration,
-}
-
-impl Enlightenment {
-    pub fn free_bitmap(&self) -> bitmap_abi::FreeBitmap<'_> {
-        bitmap_abi::FreeBitmap::new(&self.free, self.ready.frames()).expect("validated when read")
-    }
-    pub fn priority_map(&self) -> bitmap_abi::PriorityMap<'_> {
-        bitmap_abi::PriorityMap::new(&self.prio, self.ready.frames()).expect("validated when read")
-    }
-    /// Counts for reports.
-    pub fn summary(&self) -> Value {
-        use bitmap_abi::Class;
-        let f = self.free_bitmap();
-        let counts = self.priority_map().counts();
-        let classes: serde_json::Map<String, Value> =
-            Class::ALL.iter().map(|c| (c.name().to_owned(), counts[*c as usize].into())).collect();
-        json!({
-            "seq": self.ready.seq(),
-            "frames": self.ready.frames(),
-            "free_pages": f.count_free(),
-            "free_runs": f.free_runs().count() as u64,
-            "classes": classes,
-            "guest_counts_match": self.ready.info.class_counts == counts,
-            "sweep_us": self.ready.info.sweep_us,
-            "classify_us": self.ready.info.classify_us,
-        })
-    }
-}
-
 /// How a VM run ended.
 pub struct Outcome {
     pub reason: ExitReason,
@@ -494,286 +356,22 @@ impl Outcome {
 }
 
 /// A created, not yet running VM.
+/// Made by `builder.rs`.
 pub struct Vm {
-    _kvm: Kvm,
-    _fd: Arc<VmFd>,
-    vcpu_fds: Vec<VcpuFd>,
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
-    shared: Arc<Shared>,
-    serial_line_start: Arc<AtomicBool>,
+    pub(crate) _kvm: Kvm,
+    pub(crate) _fd: Arc<VmFd>,
+    pub(crate) vcpu_fds: Vec<VcpuFd>,
+    pub(crate) pio: Arc<Bus>,
+    pub(crate) mmio: Arc<Bus>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) serial_line_start: Arc<AtomicBool>,
     /// Made from a snapshot or an incoming migration.
-    restored: bool,
+    pub(crate) restored: bool,
     /// Forward stdin to the serial port once running.
-    console_input: bool,
+    pub(crate) console_input: bool,
 }
 
 impl Vm {
-    pub fn create(cfg: VmConfig) -> Result<Self, VmError> {
-        Self::create_from(cfg, None, None)
-    }
-
-    /// Creates a VM from an incoming migration stream (already verified up
-    /// to its state section; memory is read and checked here).
-    pub fn create_incoming(cfg: VmConfig, mem: Arc<GuestMem>, reader: SnapshotReader) -> Result<Self, VmError> {
-        Self::create_from(cfg, Some(reader), Some(mem))
-    }
-
-    fn create_from(
-        mut cfg: VmConfig,
-        incoming: Option<SnapshotReader>,
-        premade_mem: Option<Arc<GuestMem>>,
-    ) -> Result<Self, VmError> {
-        // A restore takes the VM's shape from the snapshot.
-        let opened = match (&cfg.boot, incoming) {
-            (_, Some(r)) => Some(r),
-            (BootSource::Restore { snapshot }, None) => Some(SnapshotReader::open(snapshot)?),
-            _ => None,
-        };
-        let restored = opened.is_some();
-        let restore = match opened {
-            Some(r) => {
-                let c = &r.snapshot.config;
-                cfg.mem_size = c.mem_size;
-                cfg.vcpus = c.vcpus;
-                cfg.disks = remap_disks(&c.disks, &cfg.disk_map)?;
-                if let Some(spec) = &c.testbed {
-                    cfg.boot = BootSource::Testbed { spec: spec.clone() };
-                }
-                Some(r)
-            }
-            _ => None,
-        };
-        let testbed_spec = match &cfg.boot {
-            BootSource::Testbed { spec } => {
-                let parsed = WorkloadSpec::parse(spec).map_err(|e| VmError::Workload(e.to_string()))?;
-                if cfg.vcpus > testbed_abi::MAX_VCPUS {
-                    return Err(VmError::Config(format!(
-                        "the testbed guest supports at most {} vCPUs (asked for {})",
-                        testbed_abi::MAX_VCPUS,
-                        cfg.vcpus
-                    )));
-                }
-                if parsed.workload.needs_disk() && cfg.disks.is_empty() {
-                    return Err(VmError::Config(format!(
-                        "the `{}` workload needs a disk: add --disk FILE",
-                        parsed.workload.name()
-                    )));
-                }
-                Some(parsed)
-            }
-            BootSource::Linux { .. } | BootSource::Restore { .. } => None,
-        };
-        if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS_LINUX {
-            return Err(VmError::Config(format!("--vcpus must be between 1 and {MAX_VCPUS_LINUX}")));
-        }
-        if cfg.disks.len() > testbed_abi::MAX_VIRTIO_DEVICES {
-            return Err(VmError::Config(format!("at most {} disks are supported", testbed_abi::MAX_VIRTIO_DEVICES)));
-        }
-        memory::validate_size(cfg.mem_size)?;
-
-        let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
-        let fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
-        fd.set_tss_address(0xfffb_d000).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-        fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-
-        let ranges = crate::arch::ram_regions(cfg.mem_size);
-        let mem = match premade_mem {
-            Some(m) => m,
-            None => Arc::new(memory::create(&ranges)?),
-        };
-        memory::register_slots(&fd, &mem, false)?;
-
-        // Legacy devices.
-        let mut pio = Bus::default();
-        let console_input = cfg.console_input && matches!(cfg.serial, SerialOut::Stdout);
-        let serial_out: Box<dyn Write + Send> = match cfg.serial {
-            SerialOut::Stdout => Box::new(std::io::stdout()),
-            SerialOut::File(p) => {
-                Box::new(File::create(&p).map_err(|source| VmError::File { path: p.clone(), source })?)
-            }
-            SerialOut::Writer(w) => w,
-        };
-        let (sink, serial_line_start) = SerialSink::new(serial_out);
-        let serial_evt = EventFd::new(libc::EFD_NONBLOCK)?;
-        fd.register_irqfd(&serial_evt, SERIAL_IRQ).map_err(kvm_err("KVM_IRQFD (serial)"))?;
-        let serial = match &restore {
-            Some(r) => Serial::from_state(
-                &(&r.snapshot.devices.serial).into(),
-                IrqfdTrigger(serial_evt),
-                vm_superio::serial::NoEvents,
-                sink,
-            )
-            .map_err(|e| VmError::Restore(format!("serial: {e:?}")))?,
-            None => Serial::new(IrqfdTrigger(serial_evt), sink),
-        };
-        let serial = Arc::new(Mutex::new(SerialDevice(serial)));
-        let bus_err = |e: crate::bus::Overlap| VmError::Device(e.to_string());
-        pio.insert(testbed_abi::SERIAL_PORT as u64, 8, serial.clone()).map_err(bus_err)?;
-        pio.insert(0x60, 5, legacy::shared(I8042::default())).map_err(bus_err)?;
-        pio.insert(testbed_abi::EXIT_PORT as u64, 4, legacy::shared(ExitPort)).map_err(bus_err)?;
-        pio.insert(testbed_abi::PARK_PORT as u64, 4, legacy::shared(ParkPort)).map_err(bus_err)?;
-        let session = Arc::new(Mutex::new(Vec::new()));
-        pio.insert(testbed_abi::SESSION_PORT as u64, 1, legacy::shared(legacy::SessionPort::new(session.clone())))
-            .map_err(bus_err)?;
-
-        // virtio-blk devices on virtio-mmio.
-        let mut mmio = Bus::default();
-        let mut blocks = Vec::new();
-        let mut virtio_list = Vec::new();
-        for (i, path) in cfg.disks.iter().enumerate() {
-            let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
-            let irq = VIRTIO_IRQ_BASE + i as u32;
-            let evt = EventFd::new(libc::EFD_NONBLOCK)?;
-            fd.register_irqfd(&evt, irq).map_err(kvm_err("KVM_IRQFD (virtio)"))?;
-            let handle = VirtioBlockHandle::open(path, mem.clone(), evt)?;
-            mmio.insert(base, VIRTIO_MMIO_SIZE, handle.bus_device()).map_err(bus_err)?;
-            virtio_list.push(VirtioMmioDevice { base, irq, device_id: 2 });
-            blocks.push(handle);
-        }
-        // The enlightenment device: where the snapshot had it, or on the
-        // window after the disks.
-        let next = virtio_list.len();
-        let room = next < testbed_abi::MAX_VIRTIO_DEVICES;
-        let enlighten_window = match &restore {
-            Some(r) => match r.snapshot.config.enlighten {
-                Some(w) => {
-                    let valid = (next..testbed_abi::MAX_VIRTIO_DEVICES).map(window).any(|v| v == w);
-                    if !valid {
-                        return Err(VmError::Restore(format!(
-                            "the enlightenment device's window {:#x} (IRQ {}) is not a free virtio-mmio window",
-                            w.base, w.irq
-                        )));
-                    }
-                    Some(w)
-                }
-                // Snapshots from before the field: testbed VMs had it after their disks.
-                None => (r.snapshot.config.testbed.is_some() && room).then(|| window(next)),
-            },
-            None => ((testbed_spec.is_some() || cfg.enlighten) && room).then(|| window(next)),
-        };
-        let enlighten = if let Some(w) = enlighten_window {
-            let (base, irq) = (w.base, w.irq);
-            let evt = EventFd::new(libc::EFD_NONBLOCK)?;
-            fd.register_irqfd(&evt, irq).map_err(kvm_err("KVM_IRQFD (virtio)"))?;
-            let handle = VirtioEnlightenHandle::new(mem.clone(), evt);
-            mmio.insert(base, VIRTIO_MMIO_SIZE, handle.mmio.bus_device()).map_err(bus_err)?;
-            virtio_list.push(VirtioMmioDevice { base, irq, device_id: bitmap_abi::wire::DEVICE_ID });
-            Some(handle)
-        } else {
-            None
-        };
-
-        // vCPUs and boot.
-        let vcpu_fds: Vec<VcpuFd> = (0..cfg.vcpus)
-            .map(|i| fd.create_vcpu(i as u64).map_err(kvm_err("KVM_CREATE_VCPU")))
-            .collect::<Result<_, _>>()?;
-        let tsc_khz = vcpu_fds[0].get_tsc_khz().unwrap_or(0);
-        let base_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        for (i, v) in vcpu_fds.iter().enumerate() {
-            let cpuid = crate::cpuid::for_vcpu(&base_cpuid, i as u32, cfg.vcpus);
-            v.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-        }
-        // Which MSRs KVM lets us read depends on the CPUID the vCPU has
-        // (KVM refuses MSRs of features the guest does not see): probe after
-        // KVM_SET_CPUID2.
-        let msrs =
-            Arc::new(crate::vstate::readable_msrs(&kvm, &vcpu_fds[0]).map_err(|e| VmError::Restore(e.to_string()))?);
-        match &cfg.boot {
-            _ if restore.is_some() => {
-                let r = restore.expect("checked");
-                for (b, st) in blocks.iter().zip(&r.snapshot.devices.blocks) {
-                    let state = virtio_devices::MmioState::decode(st).map_err(VmError::Restore)?;
-                    b.restore(&state).map_err(VmError::Restore)?;
-                }
-                if r.snapshot.devices.blocks.len() != blocks.len() {
-                    return Err(VmError::Restore("the snapshot's disks do not match".into()));
-                }
-                if let (Some(e), Some(st)) = (&enlighten, &r.snapshot.devices.enlighten) {
-                    let state = virtio_devices::MmioState::decode(st).map_err(VmError::Restore)?;
-                    e.mmio.restore(&state).map_err(|m| VmError::Restore(format!("enlightenment device: {m}")))?;
-                    // After the transport (whose restore resets the device).
-                    if let Some(p) = &r.snapshot.devices.enlighten_protocol {
-                        let ps = virtio_devices::enlighten::EnlightenState::decode(p)
-                            .and_then(|ps| e.handle().restore(&ps).map(|()| ps))
-                            .map_err(|m| VmError::Restore(format!("enlightenment protocol state: {m}")))?;
-                        log::info!("enlightenment device restored in phase {:?}", ps.phase);
-                    }
-                }
-                r.snapshot.vm.restore(&fd).map_err(|e| VmError::Restore(e.to_string()))?;
-                for (v, st) in vcpu_fds.iter().zip(&r.snapshot.vcpus) {
-                    st.restore(v).map_err(|e| VmError::Restore(format!("vCPU {}: {e}", st.id)))?;
-                }
-                let loaded = r.read_memory(&mem)?;
-                log::info!("restored {} vCPU(s) and {loaded} non-zero pages", cfg.vcpus);
-            }
-            BootSource::Testbed { spec } => {
-                let entry = testbed::load(&mem, spec, cfg.vcpus, tsc_khz as u64, &virtio_list)
-                    .map_err(|e| VmError::Boot(e.to_string()))?;
-                for (i, v) in vcpu_fds.iter().enumerate() {
-                    let mut sregs = v.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-                    let (regs, fpu) = crate::arch::testbed_vcpu_state(i as u32, entry, &mut sregs);
-                    v.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
-                    v.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
-                    v.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
-                    if i > 0 {
-                        v.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE })
-                            .map_err(kvm_err("KVM_SET_MP_STATE"))?;
-                    }
-                }
-            }
-            BootSource::Linux { kernel, initramfs, cmdline } => {
-                crate::linux::boot(&mem, &vcpu_fds, kernel, initramfs.as_deref(), cmdline, &virtio_list)?;
-            }
-            BootSource::Restore { .. } => unreachable!("handled above"),
-        }
-        let config = SnapshotConfig {
-            mem_size: cfg.mem_size,
-            vcpus: cfg.vcpus,
-            testbed: match &cfg.boot {
-                BootSource::Testbed { spec } => Some(spec.clone()),
-                _ => None,
-            },
-            disks: cfg.disks.clone(),
-            enlighten: enlighten_window,
-        };
-
-        let shared = Arc::new(Shared {
-            control: Arc::new(Control::new(cfg.vcpus)),
-            fd: fd.clone(),
-            mem,
-            config,
-            serial,
-            vcpu_states: Arc::new(Mutex::new((0..cfg.vcpus).map(|_| None).collect())),
-            msrs,
-            vcpus: cfg.vcpus,
-            mem_size: cfg.mem_size,
-            threads: Mutex::new(Vec::new()),
-            testbed: testbed_spec,
-            started: Instant::now(),
-            blocks,
-            enlighten,
-            exit_after_reply: Mutex::new(None),
-            api_in_flight: std::sync::atomic::AtomicI32::new(0),
-            progress: Mutex::new(std::collections::VecDeque::with_capacity(PROGRESS_SAMPLES)),
-            migration: Default::default(),
-            session,
-        });
-        Ok(Self {
-            _kvm: kvm,
-            _fd: fd,
-            vcpu_fds,
-            pio: Arc::new(pio),
-            mmio: Arc::new(mmio),
-            shared,
-            serial_line_start,
-            restored,
-            console_input,
-        })
-    }
-
     /// The state the API server talks to.
     pub fn shared(&self) -> Arc<Shared> {
         self.shared.clone()
