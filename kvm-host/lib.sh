@@ -27,6 +27,9 @@ T_START=$(date +%s.%N)
 echo '{}' >"$RESULT.tmp"
 FAILS=()
 declare -A VM_PID=()
+# Extra options of every `vmm run` / `vmm receive` a scenario starts (e.g. --net).
+VMM_RUN_ARGS=()
+VMM_RECV_ARGS=()
 
 log() { echo "[$(elapsed)s] $*"; }
 elapsed() { awk -v a="$T_START" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
@@ -112,7 +115,7 @@ start_vm() {
   [ ${#cmdline} -lt 1900 ] || fail "guest script $script too long for the kernel command line (${#cmdline} bytes)"
   log "vmm run $name: --mem $L2_MEM --vcpus $L2_VCPUS --disk $disk, guest script $(basename "$script")"
   "$VMM" run --kernel "$BZIMAGE" --disk "$disk" --mem "$L2_MEM" --vcpus "$L2_VCPUS" --cmdline "$cmdline" \
-    --serial "$OUT/$name.serial" --api-sock "$WORK/$name.sock" >"$OUT/$name.stdout" 2>"$OUT/$name.stderr" &
+    "${VMM_RUN_ARGS[@]}" --serial "$OUT/$name.serial" --api-sock "$WORK/$name.sock" >"$OUT/$name.stdout" 2>"$OUT/$name.stderr" &
   VM_PID[$name]=$!
 }
 
@@ -145,7 +148,7 @@ start_receive() {
   local name=$1 port=$2
   [ -f "$WORK/key" ] || head -c 32 /dev/urandom >"$WORK/key"
   log "vmm receive $name on 127.0.0.1:$port"
-  "$VMM" receive --listen "127.0.0.1:$port" --key-file "$WORK/key" --serial "$OUT/$name.serial" \
+  "$VMM" receive --listen "127.0.0.1:$port" --key-file "$WORK/key" "${VMM_RECV_ARGS[@]}" --serial "$OUT/$name.serial" \
     --api-sock "$WORK/$name.sock" >"$OUT/$name.stdout" 2>"$OUT/$name.stderr" &
   VM_PID[$name]=$!
   local i

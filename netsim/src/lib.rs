@@ -10,6 +10,7 @@
 //! Processes run inside a namespace with [`NetnsPair::command`] (`ip netns
 //! exec`); threads of this process can enter one with [`Side::spawn_in`].
 
+pub mod l2;
 pub mod relay;
 
 use std::io;

@@ -1,5 +1,5 @@
 //! virtio-mmio transport (version 2, "modern") and virtio devices (block,
-//! and the enlightenment device of `bitmap-abi`, see [`enlighten`]).
+//! net over a TAP, and the enlightenment device of `bitmap-abi`, see [`enlighten`]).
 //!
 //! A [`MmioTransport`] owns a [`VirtioDevice`], its queues, the guest memory
 //! and the device's [`Interrupt`], and implements the register interface the
@@ -46,10 +46,12 @@
 pub mod block;
 pub mod enlighten;
 pub mod mmio;
+pub mod net;
 
 pub use block::{Block, BlockCounters};
 pub use enlighten::{Enlighten, EnlightenCounters, EnlightenError, EnlightenHandle, EnlightenState, Phase, Ready};
 pub use mmio::{MmioState, MmioTransport};
+pub use net::{Net, NetCounters, Tap};
 
 use std::io;
 

@@ -440,15 +440,37 @@ impl<D: VirtioDevice, M: GuestMemory + Send + Sync + 'static> MmioTransport<D, M
             );
             return;
         }
-        let i = index as usize;
-        let Some(queue) = self.queues.get_mut(i) else {
-            self.violation(false, format!("notification of nonexistent queue {index}"));
-            return;
-        };
-        if !queue.ready() {
-            self.violation(false, format!("notification of disabled queue {index}"));
-            return;
+        match self.queues.get(index as usize) {
+            None => self.violation(false, format!("notification of nonexistent queue {index}")),
+            Some(q) if !q.ready() => self.violation(false, format!("notification of disabled queue {index}")),
+            Some(_) => self.process(index),
         }
+    }
+
+    /// Processes queue `index` for the device's own reasons (a frame
+    /// arrived on a TAP, say): as a notification, but nothing happens, and
+    /// nothing is counted against the guest, while the device is not active
+    /// or the queue not enabled.
+    pub fn poll(&mut self, index: u32) {
+        if self.is_active() && self.queues.get(index as usize).is_some_and(|q| q.ready()) {
+            self.process(index);
+        }
+    }
+
+    /// The device's configuration space changed on the device's side (the
+    /// net status's ANNOUNCE bit, say): ConfigGeneration moves on and an
+    /// active driver gets a configuration change interrupt.
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.is_active() {
+            self.interrupt_status |= interrupt::CONFIG_CHANGE;
+            self.raise();
+        }
+    }
+
+    fn process(&mut self, index: u32) {
+        let i = index as usize;
+        let Some(queue) = self.queues.get_mut(i) else { return };
         match self.device.process_queue(i, queue, &*self.mem) {
             Ok(p) => {
                 if p.rejected > 0 {

@@ -18,10 +18,10 @@ use testbed_abi::{VirtioMmioDevice, WorkloadSpec, VIRTIO_IRQ_BASE, VIRTIO_MMIO_B
 use crate::bus::Bus;
 use crate::control::Control;
 use crate::devices::legacy::{self, ExitPort, IrqfdTrigger, ParkPort, SerialDevice, SerialSink, I8042};
-use crate::devices::virtio::{VirtioBlockHandle, VirtioEnlightenHandle};
+use crate::devices::virtio::{VirtioBlockHandle, VirtioEnlightenHandle, VirtioNetHandle};
 use crate::error::{kvm_err, VmError};
 use crate::memory::{self, GuestMem};
-use crate::snapshot::{DeviceWindow, SnapshotConfig, SnapshotReader};
+use crate::snapshot::{DeviceWindow, NetConfig, SnapshotConfig, SnapshotReader};
 use crate::testbed;
 use crate::vm::{
     remap_disks, window, BootSource, SerialOut, Shared, Vm, VmConfig, MAX_VCPUS_LINUX, PROGRESS_SAMPLES, SERIAL_IRQ,
@@ -165,20 +165,98 @@ fn attach_disks(
     Ok(blocks)
 }
 
+/// The network devices, on the windows after the disks (or where the
+/// snapshot had them), each with its MAC: the snapshot's, `--net mac=`, or
+/// a random locally administered one.
+fn attach_nets(
+    fd: &VmFd,
+    mem: &Arc<GuestMem>,
+    cfg: &VmConfig,
+    restore: Option<&SnapshotReader>,
+    mmio: &mut Bus,
+    virtio: &mut Vec<VirtioMmioDevice>,
+) -> Result<Vec<VirtioNetHandle>, VmError> {
+    let planned: Vec<NetConfig> = match restore {
+        Some(r) => {
+            let saved = &r.snapshot.config.nets;
+            if cfg.nets.len() > saved.len() {
+                return Err(VmError::Config(format!(
+                    "{} --net options for a VM with {} network device(s)",
+                    cfg.nets.len(),
+                    saved.len()
+                )));
+            }
+            let mut out = Vec::new();
+            for (i, n) in saved.iter().enumerate() {
+                let mut n = n.clone();
+                if let Some(spec) = cfg.nets.get(i) {
+                    if let Some(mac) = spec.mac.filter(|m| virtio_devices::net::format_mac(*m) != n.mac) {
+                        return Err(VmError::Config(format!(
+                            "--net {}: the VM's network device {i} has MAC {}; it cannot become {}",
+                            spec.tap,
+                            n.mac,
+                            virtio_devices::net::format_mac(mac)
+                        )));
+                    }
+                    n.tap = spec.tap.clone();
+                }
+                let taken = virtio.iter().any(|v| v.base == n.window.base || v.irq == n.window.irq);
+                if taken || !(0..testbed_abi::MAX_VIRTIO_DEVICES).map(window).any(|w| w == n.window) {
+                    return Err(VmError::Restore(format!(
+                        "network device {i}: window {:#x} (IRQ {}) is not a free virtio-mmio window",
+                        n.window.base, n.window.irq
+                    )));
+                }
+                out.push(n);
+            }
+            out
+        }
+        None => cfg
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| NetConfig {
+                window: window(virtio.len() + i),
+                mac: virtio_devices::net::format_mac(spec.mac.unwrap_or_else(virtio_devices::net::random_mac)),
+                tap: spec.tap.clone(),
+            })
+            .collect(),
+    };
+    if virtio.len() + planned.len() > testbed_abi::MAX_VIRTIO_DEVICES {
+        return Err(VmError::Config(format!(
+            "at most {} virtio devices (disks and network devices together)",
+            testbed_abi::MAX_VIRTIO_DEVICES
+        )));
+    }
+    let mut nets = Vec::new();
+    for n in planned {
+        let mac = virtio_devices::net::parse_mac(&n.mac).map_err(VmError::Restore)?;
+        let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+        fd.register_irqfd(&evt, n.window.irq).map_err(kvm_err("KVM_IRQFD (virtio-net)"))?;
+        let handle = VirtioNetHandle::open(&n.tap, mac, mem.clone(), evt)?;
+        mmio.insert(n.window.base, VIRTIO_MMIO_SIZE, handle.mmio.bus_device()).map_err(bus_err)?;
+        virtio.push(VirtioMmioDevice { base: n.window.base, irq: n.window.irq, device_id: 1 });
+        log::info!("net: {} on TAP {} (virtio-mmio {:#x}, IRQ {})", n.mac, n.tap, n.window.base, n.window.irq);
+        nets.push((handle, n));
+    }
+    Ok(nets.into_iter().map(|(h, _)| h).collect())
+}
+
 /// Where the enlightenment device goes: where the snapshot had it, or on
 /// the window after the disks (testbed guests, or `--enlighten`).
 fn enlighten_window(
     cfg: &VmConfig,
     restore: Option<&SnapshotReader>,
     testbed: bool,
-    next: usize,
+    taken: &[VirtioMmioDevice],
 ) -> Result<Option<DeviceWindow>, VmError> {
+    let next = taken.len();
     let room = next < testbed_abi::MAX_VIRTIO_DEVICES;
     Ok(match restore {
         Some(r) => match r.snapshot.config.enlighten {
             Some(w) => {
-                let valid = (next..testbed_abi::MAX_VIRTIO_DEVICES).map(window).any(|v| v == w);
-                if !valid {
+                let free = !taken.iter().any(|d| d.base == w.base || d.irq == w.irq);
+                if !free || !(0..testbed_abi::MAX_VIRTIO_DEVICES).map(window).any(|v| v == w) {
                     return Err(VmError::Restore(format!(
                         "the enlightenment device's window {:#x} (IRQ {}) is not a free virtio-mmio window",
                         w.base, w.irq
@@ -231,9 +309,17 @@ fn restore_state(
     fd: &VmFd,
     vcpu_fds: &[VcpuFd],
     blocks: &[VirtioBlockHandle],
+    nets: &[VirtioNetHandle],
     enlighten: Option<&VirtioEnlightenHandle>,
     mem: &GuestMem,
 ) -> Result<(), VmError> {
+    if r.snapshot.devices.nets.len() != nets.len() {
+        return Err(VmError::Restore("the snapshot's network devices do not match".into()));
+    }
+    for (i, (n, st)) in nets.iter().zip(&r.snapshot.devices.nets).enumerate() {
+        let state = virtio_devices::MmioState::decode(st).map_err(VmError::Restore)?;
+        n.mmio.restore(&state).map_err(|m| VmError::Restore(format!("network device {i}: {m}")))?;
+    }
     if r.snapshot.devices.blocks.len() != blocks.len() {
         return Err(VmError::Restore("the snapshot's disks do not match".into()));
     }
@@ -304,7 +390,8 @@ fn build(
     let mut mmio = Bus::default();
     let mut virtio = Vec::new();
     let blocks = attach_disks(&fd, &mem, &cfg, &mut mmio, &mut virtio)?;
-    let window = enlighten_window(&cfg, restore.as_ref(), testbed_spec.is_some(), virtio.len())?;
+    let nets = attach_nets(&fd, &mem, &cfg, restore.as_ref(), &mut mmio, &mut virtio)?;
+    let window = enlighten_window(&cfg, restore.as_ref(), testbed_spec.is_some(), &virtio)?;
     let enlighten = match window {
         Some(w) => Some(attach_enlightenment(&fd, &mem, w, &mut mmio, &mut virtio)?),
         None => None,
@@ -312,7 +399,7 @@ fn build(
 
     let (vcpu_fds, msrs, tsc_khz) = create_vcpus(&kvm, &fd, cfg.vcpus)?;
     match (restore, &cfg.boot) {
-        (Some(r), _) => restore_state(r, &fd, &vcpu_fds, &blocks, enlighten.as_ref(), &mem)?,
+        (Some(r), _) => restore_state(r, &fd, &vcpu_fds, &blocks, &nets, enlighten.as_ref(), &mem)?,
         (None, BootSource::Testbed { spec }) => boot_testbed(&mem, &vcpu_fds, spec, tsc_khz, &virtio)?,
         (None, BootSource::Linux { kernel, initramfs, cmdline }) => {
             crate::linux::boot(&mem, &vcpu_fds, kernel, initramfs.as_deref(), cmdline, &virtio)?
@@ -328,6 +415,15 @@ fn build(
         },
         disks: cfg.disks.clone(),
         enlighten: window,
+        nets: nets
+            .iter()
+            .zip(virtio.iter().filter(|v| v.device_id == 1))
+            .map(|(n, v)| NetConfig {
+                window: DeviceWindow { base: v.base, irq: v.irq },
+                mac: virtio_devices::net::format_mac(n.mac()),
+                tap: n.tap_name().to_string(),
+            })
+            .collect(),
     };
     let shared = Arc::new(Shared {
         control: Arc::new(Control::new(cfg.vcpus)),
@@ -344,6 +440,7 @@ fn build(
         started: Instant::now(),
         blocks,
         enlighten,
+        nets,
         exit_after_reply: Mutex::new(None),
         api_in_flight: std::sync::atomic::AtomicI32::new(0),
         progress: Mutex::new(std::collections::VecDeque::with_capacity(PROGRESS_SAMPLES)),

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use vmm::vm::{BootSource, SerialOut, Vm, VmConfig};
+use vmm::vm::{BootSource, NetSpec, SerialOut, Vm, VmConfig};
 
 /// Exit status for a run whose guest failed (fault, workload errors, device errors).
 const EXIT_GUEST_FAILED: u8 = 1;
@@ -55,6 +55,10 @@ enum Command {
         /// The VM's disk at OLD when it was snapshotted is NEW here (repeatable).
         #[arg(long = "disk", value_name = "OLD=NEW", value_parser = parse_disk_map)]
         disk_map: Vec<(PathBuf, PathBuf)>,
+        /// The TAP for the VM's network devices, in order: --net tap=NAME (repeatable; a
+        /// device without one uses the TAP named in the snapshot; its MAC never changes).
+        #[arg(long = "net", value_name = "tap=NAME")]
+        nets: Vec<NetSpec>,
     },
     /// Run the destination of a migration: wait for an authenticated incoming VM, then run it.
     ///
@@ -78,6 +82,12 @@ enum Command {
         /// --disk /srv/a/root.img=/mnt/shared/root.img
         #[arg(long = "disk", value_name = "OLD=NEW", value_parser = parse_disk_map)]
         disk_map: Vec<(PathBuf, PathBuf)>,
+        /// The TAP here for the VM's network devices, in order (repeatable), e.g.
+        /// --net tap=tap1. The guest keeps its MAC; right after the switch-over this VMM
+        /// announces it (RARP frames into the TAP, and a guest announcement where the
+        /// driver supports it) so bridges and switches send its traffic here at once.
+        #[arg(long = "net", value_name = "tap=NAME")]
+        nets: Vec<NetSpec>,
     },
     /// Migrate a running VM to a `vmm receive` destination and print the report.
     ///
@@ -219,7 +229,7 @@ struct RunArgs {
     /// Initial ramdisk for the Linux kernel.
     #[arg(long, value_name = "FILE", requires = "kernel", conflicts_with = "testbed")]
     initramfs: Option<PathBuf>,
-    /// Kernel command line (virtio_mmio.device= entries are appended for each disk)
+    /// Kernel command line (virtio_mmio.device= entries are appended for each virtio device)
     /// [default: console=ttyS0 reboot=k panic=1].
     #[arg(long, value_name = "STR", requires = "kernel", conflicts_with = "testbed")]
     cmdline: Option<String>,
@@ -235,6 +245,11 @@ struct RunArgs {
     /// Raw disk image attached as a virtio-blk device (repeatable).
     #[arg(long, value_name = "FILE")]
     disk: Vec<PathBuf>,
+    /// A virtio-net device on an existing TAP interface (repeatable), e.g.
+    /// --net tap=tap0,mac=52:54:00:12:34:56 (made with `ip tuntap add tap0 mode tap`, up or
+    /// on a bridge). Without mac= the device gets a random locally administered one.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
+    nets: Vec<NetSpec>,
     /// Serial console output: `stdout` or a file path.
     #[arg(long, value_name = "stdout|FILE", default_value = "stdout")]
     serial: String,
@@ -275,6 +290,7 @@ fn run(args: RunArgs) -> ExitCode {
     };
     let mut cfg = VmConfig::new(args.mem, args.vcpus, boot, args.disk, serial_out(&args.serial));
     cfg.enlighten = !args.no_enlightenment;
+    cfg.nets = args.nets;
     run_vm(cfg, args.api_sock, args.session)
 }
 
@@ -311,6 +327,7 @@ fn receive(
     serial: &str,
     api_sock: Option<PathBuf>,
     disk_map: Vec<(PathBuf, PathBuf)>,
+    nets: Vec<NetSpec>,
 ) -> ExitCode {
     let key = match vmm::migration::load_key(key_file) {
         Ok(k) => k,
@@ -338,6 +355,7 @@ fn receive(
             serial_out(serial),
         );
         cfg.disk_map = disk_map.clone();
+        cfg.nets = nets.clone();
         let built = vmm::migration::state_of(&inc)
             .and_then(|reader| Vm::create_incoming(cfg, inc.mem.clone(), reader).map_err(|e| e.to_string()));
         let vm = match built {
@@ -497,13 +515,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(args),
-        Command::Restore { snapshot, serial, api_sock, session, disk_map } => {
+        Command::Restore { snapshot, serial, api_sock, session, disk_map, nets } => {
             let mut cfg = VmConfig::new(0, 1, BootSource::Restore { snapshot }, Vec::new(), serial_out(&serial));
             cfg.disk_map = disk_map;
+            cfg.nets = nets;
             run_vm(cfg, api_sock, session)
         }
-        Command::Receive { listen, key_file, serial, api_sock, disk_map } => {
-            receive(&listen, &key_file, &serial, api_sock, disk_map)
+        Command::Receive { listen, key_file, serial, api_sock, disk_map, nets } => {
+            receive(&listen, &key_file, &serial, api_sock, disk_map, nets)
         }
         Command::Migrate { api_sock, to, enlightened, mode, key_file, report } => {
             let mode = if enlightened { "enlightened".to_string() } else { mode.unwrap_or("enlightened".into()) };

@@ -41,7 +41,7 @@ impl MigratableVm for Shared {
     }
 
     fn resume(&self) {
-        self.control.resume();
+        self.resume_vm();
     }
 
     fn ended(&self) -> Option<String> {

@@ -42,6 +42,20 @@ pub struct SnapshotConfig {
     /// and a testbed VM gets the device on the window after its disks.
     #[serde(default)]
     pub enlighten: Option<DeviceWindow>,
+    /// The network devices: where each sits, its MAC (the guest's identity
+    /// on the network, kept across a restore or migration) and the TAP it
+    /// used (the default for a restore; a destination names its own).
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
+}
+
+/// One virtio-net device of a snapshot.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetConfig {
+    pub window: DeviceWindow,
+    /// `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    pub tap: String,
 }
 
 /// Where a virtio-mmio device sits: window base and legacy IRQ.
@@ -116,6 +130,10 @@ pub struct DevicesState {
     /// `virtio_devices::enlighten::EnlightenState`'s encoding.
     #[serde(default)]
     pub enlighten_protocol: Option<Vec<u8>>,
+    /// Each virtio-net transport's state (same encoding), in the order of
+    /// [`SnapshotConfig::nets`].
+    #[serde(default)]
+    pub nets: Vec<Vec<u8>>,
 }
 
 /// Everything but guest memory.

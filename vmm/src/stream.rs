@@ -171,7 +171,7 @@ fn pause_while_buffering(session: &Session, shared: &crate::vm::Shared, stop: &A
         let ours = !shared.control.is_paused() && shared.pause().is_ok();
         session.wait_resumed();
         if ours {
-            shared.control.resume();
+            shared.resume_vm();
         }
     }
 }

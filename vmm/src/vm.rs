@@ -16,7 +16,7 @@ use crate::api::ApiTarget;
 use crate::bus::Bus;
 use crate::control::{Control, ExitReason};
 use crate::devices::legacy::SerialDevice;
-use crate::devices::virtio::{VirtioBlockHandle, VirtioEnlightenHandle};
+use crate::devices::virtio::{VirtioBlockHandle, VirtioEnlightenHandle, VirtioNetHandle};
 pub use crate::error::VmError;
 use crate::memory::GuestMem;
 use crate::snapshot::{DevicesState, SerialSnapshot, Snapshot, SnapshotConfig};
@@ -66,12 +66,52 @@ pub struct VmConfig {
     /// Forward the VMM's stdin to the guest's serial port while it runs
     /// (Linux guests with their serial on stdout; see [`crate::console`]).
     pub console_input: bool,
+    /// Network devices (`--net tap=NAME[,mac=MAC]`). Restored and incoming
+    /// VMs: the i-th entry names the TAP of the snapshot's i-th device
+    /// (its MAC stays the snapshot's); devices without an entry use the TAP
+    /// the snapshot names.
+    pub nets: Vec<NetSpec>,
+}
+
+/// One `--net` option.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetSpec {
+    pub tap: String,
+    pub mac: Option<[u8; 6]>,
+}
+
+impl std::str::FromStr for NetSpec {
+    type Err = String;
+
+    /// `tap=NAME[,mac=aa:bb:cc:dd:ee:ff]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (mut tap, mut mac) = (None, None);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("tap", v)) if !v.is_empty() => tap = Some(v.to_string()),
+                Some(("mac", v)) => mac = Some(virtio_devices::net::parse_mac(v)?),
+                _ => return Err(format!("`{part}` in `{s}`: expected tap=NAME[,mac=aa:bb:cc:dd:ee:ff]")),
+            }
+        }
+        let tap = tap.ok_or_else(|| format!("`{s}`: no tap=NAME"))?;
+        Ok(Self { tap, mac })
+    }
 }
 
 impl VmConfig {
     /// A configuration with the defaults of `vmm run`.
     pub fn new(mem_size: u64, vcpus: u32, boot: BootSource, disks: Vec<PathBuf>, serial: SerialOut) -> Self {
-        Self { mem_size, vcpus, boot, disks, serial, enlighten: true, disk_map: Vec::new(), console_input: true }
+        Self {
+            mem_size,
+            vcpus,
+            boot,
+            disks,
+            serial,
+            enlighten: true,
+            disk_map: Vec::new(),
+            console_input: true,
+            nets: Vec::new(),
+        }
     }
 }
 
@@ -120,6 +160,8 @@ pub struct Shared {
     pub blocks: Vec<VirtioBlockHandle>,
     /// The enlightenment device (testbed VMs).
     pub enlighten: Option<VirtioEnlightenHandle>,
+    /// The network devices, in the order of `config.nets`.
+    pub nets: Vec<VirtioNetHandle>,
     /// How the VM ends once the current API reply is written.
     pub exit_after_reply: Mutex<Option<ExitReason>>,
     /// API requests being handled.
@@ -152,6 +194,14 @@ impl Shared {
         Ok(())
     }
 
+    /// Lets the paused VM run again: its devices first, then its vCPUs.
+    pub fn resume_vm(&self) {
+        for n in &self.nets {
+            n.quiesce(false);
+        }
+        self.control.resume();
+    }
+
     pub fn kick_all(&self) {
         for t in self.threads.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             t.kick();
@@ -168,7 +218,7 @@ impl Shared {
         let t = Instant::now();
         let res = self.write_snapshot(path);
         if !was_paused {
-            self.control.resume();
+            self.resume_vm();
         }
         let stored = res?;
         Ok(json!({
@@ -210,6 +260,7 @@ impl Shared {
             blocks: self.blocks.iter().map(|b| b.state().encode()).collect(),
             enlighten: self.enlighten.as_ref().map(|e| e.mmio.state().encode()),
             enlighten_protocol: self.enlighten.as_ref().map(|e| e.handle().state().encode()),
+            nets: self.nets.iter().map(|n| n.mmio.state().encode()).collect(),
         };
         let result = vm.and_then(|vm| {
             let snap = Snapshot { config: self.config.clone(), vm, vcpus, devices };
@@ -251,7 +302,8 @@ impl Shared {
         let mut n = 0;
         let mut last = None;
         let enl = self.enlighten.as_ref().map(|e| e.mmio.errors());
-        for (e, msg) in self.blocks.iter().map(|b| b.errors()).chain(enl) {
+        let nets = self.nets.iter().map(|n| n.errors());
+        for (e, msg) in self.blocks.iter().map(|b| b.errors()).chain(enl).chain(nets) {
             n += e;
             if msg.is_some() {
                 last = msg;
@@ -282,10 +334,19 @@ impl ApiTarget for Shared {
         if let Some(m) = self.migration.json() {
             v["migration"] = m;
         }
+        if !self.nets.is_empty() {
+            v["net"] = self.nets.iter().map(|n| n.status_json()).collect();
+        }
         v
     }
     fn pause(&self) -> Result<(), String> {
-        self.control.pause(|| self.kick_all()).map_err(|r| format!("the VM is ending ({r:?})"))
+        self.control.pause(|| self.kick_all()).map_err(|r| format!("the VM is ending ({r:?})"))?;
+        // The vCPUs are stopped; so must be the devices that write guest
+        // memory on their own (a frame arriving from the network).
+        for n in &self.nets {
+            n.quiesce(true);
+        }
+        Ok(())
     }
     fn resume(&self) -> Result<(), String> {
         if self.migration.committed.load(Ordering::Acquire) {
@@ -294,7 +355,7 @@ impl ApiTarget for Shared {
         if !self.control.is_paused() {
             return Err("the VM is not paused".into());
         }
-        self.control.resume();
+        self.resume_vm();
         Ok(())
     }
     fn shutdown(&self) {
@@ -403,6 +464,12 @@ impl Vm {
         if self.shared.testbed.is_some() {
             let shared = self.shared.clone();
             std::thread::Builder::new().name("progress".into()).spawn(move || shared.sample_progress())?;
+        }
+        for n in &self.shared.nets {
+            n.start()?;
+            if self.restored {
+                n.announce();
+            }
         }
         if self.restored {
             let shared = self.shared.clone();

@@ -1,0 +1,80 @@
+# net: a Linux guest on virtio-net. L1 bridges two TAPs (br0: tap0 for the
+# source VMM, tap1 for the destination's) and is the guest's client at
+# 10.0.2.1: ping and memcached over TCP reach the guest (frames both ways
+# through Linux's virtio_net driver), the guest is migrated with
+# --enlightened while one TCP connection to its memcached stays open, the
+# destination's announcement moves the guest's MAC to tap1 in the bridge's
+# FDB before any client traffic, and the same connection then reads back the
+# value it stored before the migration.
+# timeout: 600
+source /payload/kvm-host/lib.sh "$@"
+source /payload/kvm-host/migrate-common.sh
+
+MAC=02:00:0a:00:02:0f
+GUEST_IP=10.0.2.15
+modprobe tun 2>/dev/null
+modprobe bridge 2>/dev/null
+[ -c /dev/net/tun ] || { mkdir -p /dev/net; mknod /dev/net/tun c 10 200; }
+ip link add br0 type bridge || fail "ip link add br0 type bridge"
+ip addr add 10.0.2.1/24 dev br0 2>/dev/null
+for t in tap0 tap1; do
+  ip tuntap add "$t" mode tap || fail "ip tuntap add $t"
+  ip link set "$t" master br0
+  ip link set "$t" up
+done
+ip link set br0 up
+fdb_port() { bridge fdb show br br0 2>/dev/null | awk -v m="$MAC" '$1 == m { for (i = 1; i < NF; i++) if ($i == "dev") print $(i + 1) }' | head -n1; }
+
+disk=$(fresh_disk net)
+VMM_RUN_ARGS=(--net "tap=tap0,mac=$MAC")
+t0=$(now)
+boot_vm src "$disk" "$K/guest/net.sh" 180 || fail "no VMM-GUEST-READY from the guest within 180 s (see src.serial, src.stderr)"
+put boot_s "$(since "$t0")"
+wait_tick src 3 300 || fail "the guest's memcached load did not reach tick 3 (last: $(status src))"
+gnet=$(grep -a '^GUEST-NET ' "$OUT/src.serial" | tail -n1 | tr -d '\r')
+puts guest_net "$gnet"
+expect "the guest's eth0 is virtio_net with the MAC vmm gave it ($gnet)" eval '[[ "$gnet" == *"mac=$MAC driver=virtio_net"* ]]'
+
+# Frames both ways: ICMP, then TCP.
+t=$(now)
+ping_out=$(busybox ping -c 5 -W 5 "$GUEST_IP" 2>&1)
+put ping_s "$(since "$t")"
+puts ping "$(tail -n 2 <<<"$ping_out" | tr '\n' ' ')"
+expect "the guest answers ping on virtio-net ($(grep -o '[0-9]* packets received' <<<"$ping_out"))" grep -q ' 0% packet loss' <<<"$ping_out"
+exec 3<>"/dev/tcp/$GUEST_IP/11211" || fail "no TCP connection to the guest's memcached"
+mc() { printf '%s\r\n' "$@" >&3; }
+mc_read() { local l; IFS= read -r -t 30 l <&3 && printf '%s' "${l%$'\r'}"; }
+mc "set netkey 0 0 16" "before-migration"
+r=$(mc_read)
+expect "memcached over TCP from L1 stores a value ($r)" eval '[ "$r" = STORED ]'
+port_before=$(fdb_port)
+puts fdb_before "$port_before"
+expect "the bridge has learnt the guest's MAC on tap0 (${port_before:-none})" eval '[ "$port_before" = tap0 ]'
+
+# Migrate with the connection open.
+VMM_RECV_ARGS=(--net tap=tap1)
+if migrate_and_check src dst 7010 enlightened m1; then
+  check_enlightened_report m1
+fi
+port_after=$(fdb_port)
+puts fdb_after "$port_after"
+expect "the destination's announcement moved the guest's MAC to tap1 before any client traffic (${port_after:-none})" \
+  eval '[ "$port_after" = tap1 ]'
+t=$(now)
+mc "get netkey"
+l1=$(mc_read)
+l2=$(mc_read)
+l3=$(mc_read)
+put get_after_s "$(since "$t")"
+puts get_after "$l1 | $l2 | $l3"
+expect "the TCP connection opened before the migration reads the value back from the destination ($l1 | $l2 | $l3)" \
+  eval '[ "$l1" = "VALUE netkey 0 16" ] && [ "$l2" = before-migration ] && [ "$l3" = END ]'
+exec 3>&-
+ping_out=$(busybox ping -c 3 -W 5 "$GUEST_IP" 2>&1)
+expect "the guest answers ping at the destination" grep -q ' 0% packet loss' <<<"$ping_out"
+net=$(api dst status 2>/dev/null | jq -c '.net // empty')
+put dest_net "${net:-null}"
+expect "the destination's device counted the traffic and announced ($net)" \
+  eval '[ "$(jq -r ".[0].rx_frames > 0 and .[0].tx_frames > 0 and .[0].tap == \"tap1\"" <<<"${net:-[{\}]}")" = true ]'
+stop_vm dst
+puts dest_exit "$VM_RC"
