@@ -244,7 +244,13 @@ wait_serial() {
 # every 2 s (guest-image/enlcheck.rs).
 
 # status NAME: the last MC-STATUS line of NAME's serial log (empty if none).
-status() { grep -a '^MC-STATUS ' "$OUT/$1.serial" 2>/dev/null | tail -n1 | tr -d '\r'; }
+# Only complete lines count: the guest may be half-way through printing one.
+status() {
+  local f=$OUT/$1.serial
+  [ -f "$f" ] || return 0
+  if [ "$(tail -c1 "$f" | od -An -tx1 | tr -d ' ')" = 0a ]; then cat "$f"; else sed '$d' "$f"; fi |
+    grep -a '^MC-STATUS ' | tail -n1 | tr -d '\r'
+}
 # field LINE KEY
 field() { sed -n "s/.* $2=\\([^ ]*\\).*/\\1/p" <<<" $1"; }
 # tick NAME: the last tick number (0 if none).

@@ -131,3 +131,48 @@ impl PacketSocket {
         }
     }
 }
+
+/// A Linux bridge with an address (the hosts' side of a VM's L2 segment);
+/// deleted on drop (its ports stay).
+pub struct TestBridge {
+    pub name: String,
+}
+
+impl TestBridge {
+    /// `vnb<pid><tag>` with `cidr` (e.g. 10.0.9.1/24) on it, up.
+    pub fn new(tag: &str, cidr: &str) -> std::io::Result<Self> {
+        let name = format!("vnb{}{tag}", std::process::id() % 100_000);
+        let _ = Command::new("ip").args(["link", "del", &name]).stderr(Stdio::null()).status();
+        ip(&["link", "add", &name, "type", "bridge"])?;
+        let b = Self { name };
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", b.name), "1");
+        ip(&["addr", "add", cidr, "dev", &b.name])?;
+        ip(&["link", "set", &b.name, "up"])?;
+        Ok(b)
+    }
+
+    /// Makes `tap` a port of the bridge.
+    pub fn attach(&self, tap: &TestTap) -> std::io::Result<()> {
+        ip(&["link", "set", &tap.name, "master", &self.name])
+    }
+
+    /// The port the bridge forwards frames for `mac` (`aa:bb:...`) to, per
+    /// its forwarding database.
+    pub fn port_of(&self, mac: &str) -> Option<String> {
+        let out = Command::new("bridge").args(["fdb", "show", "br", &self.name]).output().ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines().find_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some(mac)).then(|| {
+                let v: Vec<&str> = l.split_whitespace().collect();
+                v.iter().position(|&x| x == "dev").and_then(|i| v.get(i + 1)).map(|s| s.to_string())
+            })?
+        })
+    }
+}
+
+impl Drop for TestBridge {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.name]).stderr(Stdio::null()).status();
+    }
+}

@@ -9,6 +9,7 @@
 //! | `kv`   | `share=PCT` of RAM filled (default 50), `value=BYTES` value size (default 1024), `ratio=SET:GET` (default 1:9), `theta=F` Zipf skew (default 0.99) |
 //! | `disk` | `size=SIZE` bytes of disk exercised (default 16M, capped at the disk size), `block=SIZE` request size (default 4096) |
 //! | `app`  | `state=SIZE|PCT%` state filled at boot (default 25%), `features=N` regions in it (default 32); per session: `steps=N` features opened (default 8), `think=MS` pause between them (default 200), `flow=PCT` chance of following the usual workflow to the next feature (default 70) |
+//! | `mcd`  | a memcached server on the VM's virtio-net device: `ip=A.B.C.D/PREFIX` (default 10.0.9.15/24), `port=N` (11211), `share=PCT` of RAM for the store (default 25), `value=BYTES` largest value (4096) |
 //! | `virtio-garbage` | no keys; a test workload that writes garbage to virtio registers, descriptors and rings |
 //! | `fault` | no keys; a test workload that executes `ud2` with no IDT, i.e. triple-faults the VM |
 //!
@@ -29,11 +30,20 @@ pub enum Workload {
     Fault = 5,
     /// An appliance's user session over a large prefilled state (streaming).
     App = 6,
+    /// A memcached server on the VM's virtio-net device (TCP/IP by smoltcp).
+    Mcd = 7,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 6] =
-        [Workload::Mem, Workload::Kv, Workload::Disk, Workload::VirtioGarbage, Workload::Fault, Workload::App];
+    pub const ALL: [Workload; 7] = [
+        Workload::Mem,
+        Workload::Kv,
+        Workload::Disk,
+        Workload::VirtioGarbage,
+        Workload::Fault,
+        Workload::App,
+        Workload::Mcd,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -43,6 +53,7 @@ impl Workload {
             Self::VirtioGarbage => "virtio-garbage",
             Self::Fault => "fault",
             Self::App => "app",
+            Self::Mcd => "mcd",
         }
     }
 
@@ -57,6 +68,11 @@ impl Workload {
     /// Whether the workload needs a virtio-blk disk.
     pub fn needs_disk(self) -> bool {
         matches!(self, Self::Disk | Self::VirtioGarbage)
+    }
+
+    /// Whether the workload needs a virtio-net device.
+    pub fn needs_net(self) -> bool {
+        matches!(self, Self::Mcd)
     }
 }
 
@@ -119,6 +135,18 @@ pub struct AppParams {
     pub flow_pct: u32,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct McdParams {
+    /// The guest's IPv4 address and prefix length.
+    pub ip: [u8; 4],
+    pub prefix: u8,
+    pub port: u16,
+    /// Percent of guest RAM for the store.
+    pub share_pct: u32,
+    /// Largest value in bytes.
+    pub max_value: u32,
+}
+
 /// A parsed workload specification.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WorkloadSpec {
@@ -130,6 +158,7 @@ pub struct WorkloadSpec {
     pub kv: KvParams,
     pub disk: DiskParams,
     pub app: AppParams,
+    pub mcd: McdParams,
     /// Percent of RAM that memory workloads fill with stale data before they
     /// start and then leave unused: memory a real OS would hold as free pages
     /// with old content (freed buffers, evicted caches). Not zero, yet free.
@@ -153,11 +182,11 @@ pub enum SpecError<'a> {
 impl fmt::Display for SpecError<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Empty => write!(f, "empty workload specification; expected one of mem, kv, disk, app"),
+            Self::Empty => write!(f, "empty workload specification; expected one of mem, kv, disk, app, mcd"),
             Self::UnknownWorkload(w) => {
                 write!(
                     f,
-                    "unknown workload `{w}`; expected one of mem, kv, disk, app (test-only: virtio-garbage, fault)"
+                    "unknown workload `{w}`; expected one of mem, kv, disk, app, mcd (test-only: virtio-garbage, fault)"
                 )
             }
             Self::UnknownKey { workload, key } => {
@@ -177,6 +206,7 @@ fn valid_keys(workload: &str) -> &'static str {
         "kv" => "duration, seed, share, value, ratio, theta",
         "disk" => "duration, seed, size, block",
         "app" => "duration, seed, state, features, steps, think, flow",
+        "mcd" => "duration, seed, ip, port, share, value",
         _ => "duration, seed",
     }
 }
@@ -244,6 +274,7 @@ impl WorkloadSpec {
             kv: KvParams { share_pct: 50, value_size: 1024, sets: 1, gets: 9, theta_milli: 990 },
             disk: DiskParams { size: 16 << 20, block: 4096 },
             app: AppParams { state: SizeOrPercent::Percent(25), features: 32, steps: 8, think_ms: 200, flow_pct: 70 },
+            mcd: McdParams { ip: [10, 0, 9, 15], prefix: 24, port: 11211, share_pct: 25, max_value: 4096 },
             stale_pct: 0,
             ops_limit: 0,
         }
@@ -328,6 +359,33 @@ impl WorkloadSpec {
                     Some(b) if b >= 4096 && b % 512 == 0 => spec.disk.size = b,
                     _ => return Err(bad("a size of at least 4K, a multiple of 512")),
                 },
+                (Workload::Mcd, "ip") => {
+                    let parsed = value.split_once('/').map_or(Some((value, 24)), |(a, p)| Some((a, parse_u64(p)?)));
+                    let ip = parsed.and_then(|(a, p)| {
+                        let mut ip = [0u8; 4];
+                        let mut parts = a.split('.');
+                        for b in ip.iter_mut() {
+                            *b = u8::try_from(parse_u64(parts.next()?)?).ok()?;
+                        }
+                        (parts.next().is_none() && (8..=30).contains(&p)).then_some((ip, p as u8))
+                    });
+                    match ip {
+                        Some((ip, p)) => (spec.mcd.ip, spec.mcd.prefix) = (ip, p),
+                        None => return Err(bad("an IPv4 address with an optional prefix, e.g. 10.0.9.15/24")),
+                    }
+                }
+                (Workload::Mcd, "port") => match parse_u64(value) {
+                    Some(p @ 1..=65535) => spec.mcd.port = p as u16,
+                    _ => return Err(bad("a TCP port")),
+                },
+                (Workload::Mcd, "share") => match parse_u64(value.trim_end_matches('%')) {
+                    Some(p @ 1..=80) => spec.mcd.share_pct = p as u32,
+                    _ => return Err(bad("a percentage of RAM from 1 to 80")),
+                },
+                (Workload::Mcd, "value") => match parse_size(value) {
+                    Some(v @ 16..=4096) => spec.mcd.max_value = v as u32,
+                    _ => return Err(bad("a largest value size from 16 to 4096 bytes")),
+                },
                 (Workload::Disk, "block") => match parse_size(value) {
                     Some(b @ 512..=1048576) if b % 512 == 0 => spec.disk.block = b as u32,
                     _ => return Err(bad("a multiple of 512 from 512 to 1M")),
@@ -342,6 +400,17 @@ impl WorkloadSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mcd() {
+        let s = WorkloadSpec::parse("mcd,ip=192.168.7.2/16,port=9000,share=10").unwrap();
+        assert_eq!((s.mcd.ip, s.mcd.prefix, s.mcd.port, s.mcd.share_pct), ([192, 168, 7, 2], 16, 9000, 10));
+        assert_eq!(WorkloadSpec::parse("mcd,ip=10.0.0.1").unwrap().mcd.prefix, 24);
+        for bad in ["mcd,ip=10.0.0", "mcd,ip=10.0.0.256", "mcd,ip=10.0.0.1/31", "mcd,ip=10.0.0.1.2", "mcd,port=0"] {
+            assert!(WorkloadSpec::parse(bad).is_err(), "{bad}");
+        }
+        assert!(Workload::Mcd.needs_net());
+    }
 
     #[test]
     fn sizes() {

@@ -17,6 +17,8 @@ mod boot32;
 mod disk;
 mod enlighten;
 mod hw;
+mod mcd;
+mod net;
 mod virtio;
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -360,6 +362,12 @@ pub extern "C" fn testbed_main(vcpu: u64, _boot_info: u64) -> ! {
                 hw::park();
             }
             app::run(&bi, &spec, &clock, enl)
+        }
+        Workload::Mcd => {
+            if index != 0 {
+                hw::park();
+            }
+            mcd::run(&bi, &spec, &clock, enl)
         }
     }
 }

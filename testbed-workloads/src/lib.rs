@@ -9,6 +9,7 @@
 //!   previous stamp;
 //! - [`app`]: an appliance's user session over a large prefilled state
 //!   (streaming's workload);
+//! - [`mcd`]: a memcached server core (store with checksums, text protocol);
 //! - [`disk`]: the sector patterns the `disk` workload and host tests share.
 #![no_std]
 
@@ -19,6 +20,7 @@ pub mod app;
 pub mod disk;
 pub mod kv;
 pub mod math;
+pub mod mcd;
 pub mod mem;
 pub mod rng;
 

@@ -78,6 +78,12 @@ fn shape(
                     parsed.workload.name()
                 )));
             }
+            if parsed.workload.needs_net() && cfg.nets.is_empty() && restore.is_none() {
+                return Err(VmError::Config(format!(
+                    "the `{}` workload needs a network device: add --net tap=NAME",
+                    parsed.workload.name()
+                )));
+            }
             Some(parsed)
         }
         BootSource::Linux { .. } | BootSource::Restore { .. } => None,

@@ -127,3 +127,130 @@ fn the_mac_stays_and_the_new_host_announces_it() {
     let o = wait_output(dst, T);
     assert_eq!(o.code, Some(0), "{o}");
 }
+
+thread_local! {
+    static DEBUG_SOCK: std::cell::RefCell<Option<std::path::PathBuf>> = const { std::cell::RefCell::new(None) };
+}
+
+/// One request on an open memcached connection; the reply up to `END` or
+/// a one-line answer.
+fn mc(conn: &mut std::net::TcpStream, req: &str) -> String {
+    use std::io::{Read, Write};
+    conn.write_all(req.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match conn.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                let st = DEBUG_SOCK.with(|p| p.borrow().as_ref().map(|p| api(p, "status")));
+                panic!("reading the answer to {req:?}: {e}; the VM now: {st:?}")
+            }
+        };
+        assert!(n > 0, "the server closed the connection (answer so far {:?})", String::from_utf8_lossy(&out));
+        out.extend_from_slice(&buf[..n]);
+        let s = String::from_utf8_lossy(&out);
+        if s.ends_with("END\r\n") || (!req.starts_with("get") && s.ends_with("\r\n")) {
+            return s.into_owned();
+        }
+    }
+}
+
+#[test]
+fn a_tcp_connection_to_the_guest_survives_every_migration_mode() {
+    let br = netsim::l2::TestBridge::new("m", "10.0.9.1/24").unwrap();
+    let taps = [TestTap::new("P").unwrap(), TestTap::new("Q").unwrap()];
+    for t in &taps {
+        br.attach(t).unwrap();
+    }
+    let d = TempDir::new("netmig");
+    let key = d.path("key");
+    std::fs::write(&key, b"0123456789abcdef-test-migration-key").unwrap();
+    let sock = |i: usize| d.path(&format!("vm{i}.sock"));
+    let net = format!("tap={},mac={MAC}", taps[0].name);
+    let mut vm = spawn_piped(vmm_cmd(&[
+        "run",
+        "--testbed",
+        "mcd,ip=10.0.9.15/24,share=10",
+        "--mem",
+        "256M",
+        "--net",
+        &net,
+        "--api-sock",
+        path_str(&sock(0)),
+    ]));
+    // The server's run phase (it counts no operations until served).
+    let started = std::time::Instant::now();
+    while !sock(0).exists()
+        || Command::new(vmm_bin())
+            .args(["api", "--api-sock", path_str(&sock(0)), "status"])
+            .output()
+            .map(|o| !String::from_utf8_lossy(&o.stdout).contains("\"phase\":\"run\""))
+            .unwrap_or(true)
+    {
+        assert!(started.elapsed() < T, "the mcd server never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut conn = {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            match std::net::TcpStream::connect_timeout(&"10.0.9.15:11211".parse().unwrap(), Duration::from_secs(2)) {
+                Ok(c) => break c,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    eprintln!("connect: {e}; again");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!("no TCP connection to the testbed's memcached: {e}"),
+            }
+        }
+    };
+    conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    assert_eq!(mc(&mut conn, "set k0 7 0 6\r\nbefore\r\n"), "STORED\r\n");
+    assert_eq!(br.port_of(MAC).as_deref(), Some(taps[0].name.as_str()));
+
+    for (i, mode) in ["stop-and-copy", "precopy", "postcopy", "enlightened"].iter().enumerate() {
+        let to = format!("127.0.0.1:{}", 7400 + i);
+        let tap = &taps[(i + 1) % 2];
+        let dst = spawn_piped(vmm_cmd(&[
+            "receive",
+            "--listen",
+            &to,
+            "--key-file",
+            path_str(&key),
+            "--net",
+            &format!("tap={}", tap.name),
+            "--api-sock",
+            path_str(&sock(i + 1)),
+        ]));
+        std::thread::sleep(Duration::from_millis(300));
+        let (ok, report, err) = migrate_mode(&sock(i), &to, &key, mode);
+        assert!(ok, "{mode}: {report} {err}");
+        assert_eq!(report["integrity"]["match"], true, "{mode}: {report}");
+        let o = wait_output(vm, T);
+        assert_eq!(o.code, Some(0), "{mode}: the source: {o}");
+        vm = dst;
+        // The announcement moved the guest's MAC to the destination's TAP.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while br.port_of(MAC).as_deref() != Some(tap.name.as_str()) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(br.port_of(MAC).as_deref(), Some(tap.name.as_str()), "{mode}: the bridge's FDB");
+        DEBUG_SOCK.with(|p| *p.borrow_mut() = Some(sock(i + 1)));
+        // The same connection: everything stored so far, then one more.
+        for j in 0..=i {
+            let want = if j == 0 {
+                "VALUE k0 7 6\r\nbefore\r\nEND\r\n".to_string()
+            } else {
+                format!("VALUE k{j} 0 1\r\n{j}\r\nEND\r\n")
+            };
+            assert_eq!(mc(&mut conn, &format!("get k{j}\r\n")), want, "{mode}");
+        }
+        assert_eq!(mc(&mut conn, &format!("set k{} 0 0 1\r\n{}\r\n", i + 1, i + 1)), "STORED\r\n", "{mode}");
+        let st = api(&sock(i + 1), "status");
+        assert_eq!(st["workload"]["errors"], 0, "{mode}: {st}");
+    }
+    drop(conn);
+    api(&sock(4), "shutdown");
+    let o = wait_output(vm, T);
+    assert_eq!(o.code, Some(0), "{o}");
+}
