@@ -76,7 +76,7 @@ use std::time::{Duration, Instant};
 use bitmap_abi::wire::{self, Extent, Header, Kind, ReadyInfo};
 use bitmap_abi::{FreeBitmap, PriorityMap};
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, Permissions};
 
 use crate::mmio::MmioTransport;
@@ -922,25 +922,7 @@ impl Enlighten {
 
     /// Collects the next available chain; `None` when the ring is empty.
     fn next_chain<M: GuestMemory>(&mut self, queue: &mut Queue, mem: &M) -> Result<Option<u16>, ProtocolError> {
-        let chain = {
-            let mut iter = queue.iter(mem).map_err(|e| ProtocolError(format!("available ring: {e}")))?;
-            iter.next()
-        };
-        let Some(chain) = chain else { return Ok(None) };
-        let head = chain.head_index();
-        self.descs.clear();
-        self.descs.extend(chain.take(MAX_CHAIN + 1));
-        if self.descs.len() > MAX_CHAIN {
-            return Err(ProtocolError(format!("buffer {head}: descriptor chain longer than {MAX_CHAIN} descriptors")));
-        }
-        match self.descs.last() {
-            None => Err(ProtocolError(format!("buffer {head}: empty descriptor chain"))),
-            Some(d) if d.has_next() => Err(ProtocolError(format!(
-                "buffer {head}: descriptor chain truncated after {} descriptors (loop, bad index or indirect table)",
-                self.descs.len()
-            ))),
-            Some(_) => Ok(Some(head)),
-        }
+        crate::next_chain(queue, mem, &mut self.descs, MAX_CHAIN)
     }
 
     /// Writes `msg` into the collected (device-writable) chain.

@@ -223,3 +223,35 @@ pub(crate) fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {
         *b = usize::try_from(offset).ok().and_then(|o| o.checked_add(i)).and_then(|o| cfg.get(o)).copied().unwrap_or(0);
     }
 }
+
+/// Collects the next available chain of `queue` into `descs` (at most
+/// `max` descriptors); `None` when the ring is empty. A chain that is
+/// empty, longer than `max` or truncated (a loop, a bad next index or
+/// indirect table) is a structural violation.
+pub(crate) fn next_chain<M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &M,
+    descs: &mut Vec<virtio_queue::desc::split::Descriptor>,
+    max: usize,
+) -> Result<Option<u16>, ProtocolError> {
+    use virtio_queue::QueueOwnedT;
+    let chain = {
+        let mut iter = queue.iter(mem).map_err(|e| ProtocolError(format!("available ring: {e}")))?;
+        iter.next()
+    };
+    let Some(chain) = chain else { return Ok(None) };
+    let head = chain.head_index();
+    descs.clear();
+    descs.extend(chain.take(max + 1));
+    if descs.len() > max {
+        return Err(ProtocolError(format!("buffer {head}: descriptor chain longer than {max} descriptors")));
+    }
+    match descs.last() {
+        None => Err(ProtocolError(format!("buffer {head}: empty descriptor chain"))),
+        Some(d) if d.has_next() => Err(ProtocolError(format!(
+            "buffer {head}: descriptor chain truncated after {} descriptors (loop, bad index or indirect table)",
+            descs.len()
+        ))),
+        Some(_) => Ok(Some(head)),
+    }
+}

@@ -33,7 +33,7 @@ use std::io;
 use std::sync::Arc;
 
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestMemory};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -200,25 +200,7 @@ impl Net {
     /// Collects the next chain of `queue` into `self.descs`; `None` when
     /// the driver has made nothing more available.
     fn next_chain<M: GuestMemory>(&mut self, queue: &mut Queue, mem: &M) -> Result<Option<u16>, ProtocolError> {
-        let chain = {
-            let mut iter = queue.iter(mem).map_err(|e| ProtocolError(format!("available ring: {e}")))?;
-            iter.next()
-        };
-        let Some(chain) = chain else { return Ok(None) };
-        let head = chain.head_index();
-        self.descs.clear();
-        self.descs.extend(chain.take(MAX_CHAIN + 1));
-        if self.descs.len() > MAX_CHAIN {
-            return Err(ProtocolError(format!("chain {head} longer than {MAX_CHAIN} descriptors")));
-        }
-        match self.descs.last() {
-            None => Err(ProtocolError(format!("chain {head} is empty (head out of range or unreadable)"))),
-            Some(d) if d.has_next() => Err(ProtocolError(format!(
-                "chain {head} truncated after {} descriptors (loop, bad next index or indirect table)",
-                self.descs.len()
-            ))),
-            Some(_) => Ok(Some(head)),
-        }
+        crate::next_chain(queue, mem, &mut self.descs, MAX_CHAIN)
     }
 
     fn used<M: GuestMemory>(queue: &mut Queue, mem: &M, head: u16, len: u32) -> Result<(), ProtocolError> {
