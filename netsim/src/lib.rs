@@ -10,7 +10,9 @@
 //! Processes run inside a namespace with [`NetnsPair::command`] (`ip netns
 //! exec`); threads of this process can enter one with [`Side::spawn_in`].
 
+pub mod cpu;
 pub mod l2;
+pub mod lan;
 pub mod relay;
 
 use std::io;

@@ -1,0 +1,125 @@
+//! The contention experiment (issue 12): two memcached VMs on one host,
+//! memslap clients, one VM migrated in each mode at each link rate.
+//!
+//!   contention-bench [--modes a,b,..] [--rates 1000,10000] [--mem 1G] [--host-cpus 0.6] [--out DIR]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use bench::contention::{plot, run, Scenario};
+use bench::migration::sibling_vmm;
+
+fn main() -> ExitCode {
+    let mut modes: Vec<String> =
+        ["stop-and-copy", "precopy", "postcopy", "enlightened"].iter().map(|s| s.to_string()).collect();
+    let mut rates = vec![1000u64, 10000];
+    let mut mem = "1G".to_string();
+    let mut host_cpus = 0.6;
+    let mut out = PathBuf::from("target/contention-bench");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = || it.next().cloned().unwrap_or_default();
+        match a.as_str() {
+            "--modes" => modes = val().split(',').map(str::to_owned).collect(),
+            "--rates" => rates = val().split(',').filter_map(|s| s.parse().ok()).collect(),
+            "--mem" => mem = val(),
+            "--host-cpus" => host_cpus = val().parse().unwrap_or(0.6),
+            "--out" => out = PathBuf::from(val()),
+            "-h" | "--help" => {
+                println!(
+                    "contention-bench [--modes stop-and-copy,precopy,postcopy,enlightened] [--rates 1000,10000] [--mem 1G]\n\
+                     \x20                [--host-cpus 0.6] [--out target/contention-bench]\n\
+                     Two `mcd` testbed VMs (memcached servers) share the source host's CPU budget (a cgroup per host\n\
+                     namespace); memslap (Debian's memcaslap, set:get 1:9) loads both from a client namespace over a\n\
+                     bridged user network; one VM migrates in each mode. Prints a table from memslap's own per-second\n\
+                     output, writes <mode>-<rate>.json and .svg (plotters) and contention.json."
+                );
+                return ExitCode::SUCCESS;
+            }
+            other => {
+                eprintln!("contention-bench: unknown option `{other}` (see --help)");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let vmm = sibling_vmm();
+    let mut rows = Vec::new();
+    let mut port = 7600;
+    for &rate in &rates {
+        for mode in &modes {
+            port += 1;
+            let sc = Scenario {
+                mode: mode.clone(),
+                rate_bps: rate * 1_000_000,
+                mem: mem.clone(),
+                host_cpus,
+                concurrency: 16,
+                value: 1024,
+                alone_s: 4,
+                contended_s: 5,
+                after_s: 10,
+            };
+            eprintln!("contention-bench: {mode} at {rate} Mbit/s ...");
+            match run(&vmm, &sc, port, &out) {
+                Ok(r) => {
+                    let title = format!("{mode}, {rate} Mbit/s: memslap throughput of both VMs");
+                    match plot(&r, &title) {
+                        Ok(svg) => {
+                            let _ = std::fs::write(out.join(format!("{mode}-{rate}.svg")), svg);
+                        }
+                        Err(e) => eprintln!("  plot: {e}"),
+                    }
+                    let _ = std::fs::write(out.join(format!("{mode}-{rate}.json")), r.to_string());
+                    eprintln!("  {}", r["summary"]);
+                    rows.push(r["summary"].clone());
+                }
+                Err(e) => {
+                    eprintln!("  failed: {e}");
+                    rows.push(serde_json::json!({"mode": mode, "rate_gbps": rate as f64 / 1000.0, "error": e}));
+                }
+            }
+        }
+    }
+    let _ = std::fs::write(out.join("contention.json"), serde_json::Value::Array(rows.clone()).to_string());
+    let f = |v: &serde_json::Value| v.as_f64().map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into());
+    println!(
+        "{:<14} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>10}",
+        "mode",
+        "Gbit/s",
+        "exec ms",
+        "down ms",
+        "total ms",
+        "uncont/s",
+        "cont/s",
+        "mig 90% ms",
+        "cont 90% ms",
+        "max lat ms"
+    );
+    let mut ok = true;
+    for r in &rows {
+        if r.get("error").is_some() {
+            ok = false;
+            println!("{:<14} {:>6} failed: {}", r["mode"].as_str().unwrap_or("?"), r["rate_gbps"], r["error"]);
+            continue;
+        }
+        println!(
+            "{:<14} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>10.1}",
+            r["mode"].as_str().unwrap_or("?"),
+            r["rate_gbps"],
+            f(&r["execution_transfer_ms"]),
+            f(&r["downtime_ms"]),
+            f(&r["total_duration_ms"]),
+            f(&r["uncontended_ops_per_sec"]),
+            f(&r["contended_ops_per_sec"]["contending"]),
+            f(&r["migrated_back_to_90pct_ms"]),
+            f(&r["contending_back_to_90pct_ms"]),
+            r["migrated_max_latency_during_ms"].as_f64().unwrap_or(0.0),
+        );
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,266 @@
+//! The thesis' contention experiment (section 5.4, Figure 5.8) with real
+//! clients: two `mcd` testbed VMs (memcached servers) share one source
+//! host's CPU budget; a client namespace loads both with memslap (set:get
+//! 1:9) over a bridged user network separate from the shaped migration
+//! link; one VM migrates away in a given mode, and the client-side
+//! throughput and latency of *both* VMs, as memslap reports them every
+//! second, show how fast each recovers.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use netsim::cpu::CpuBudget;
+use netsim::lan::UserLan;
+use netsim::{NetnsPair, Side, DST_IP};
+use serde_json::{json, Value};
+
+use crate::memslap::{self, Period};
+use crate::migration::{api, Kill};
+
+/// One run of the experiment.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub mode: String,
+    pub rate_bps: u64,
+    pub mem: String,
+    /// CPUs each host may use (its cgroup's quota).
+    pub host_cpus: f64,
+    pub concurrency: u32,
+    pub value: usize,
+    /// Seconds the contending VM runs alone (its uncontended rate).
+    pub alone_s: u64,
+    /// Seconds both run contended before the migration.
+    pub contended_s: u64,
+    /// Seconds watched after the migration.
+    pub after_s: u64,
+}
+
+const MAC_A: &str = "02:00:0a:00:1d:0a";
+const MAC_B: &str = "02:00:0a:00:1d:0b";
+const IP_A: &str = "10.0.29.10";
+const IP_B: &str = "10.0.29.11";
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn wait_run_phase(vmm: &Path, sock: &Path) -> Result<(), String> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(120) {
+        if api(vmm, sock, "status").is_some_and(|st| st["workload"]["phase"] == "run") {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(format!("{} never reached its run phase", sock.display()))
+}
+
+fn series(periods: &[Period], epoch: u64) -> Value {
+    Value::Array(
+        periods
+            .iter()
+            .map(|p| json!({"t_ms": p.at_ms as i64 - epoch as i64, "ops_per_sec": p.tps, "avg_us": p.avg_us, "max_us": p.max_us}))
+            .collect(),
+    )
+}
+
+/// Milliseconds from `from_ms` until the end of the first memslap period
+/// at >= 90% of `base` (counted from the migration start).
+fn back_to_90(periods: &[Period], epoch: u64, base: f64) -> Option<i64> {
+    periods.iter().find(|p| p.at_ms > epoch && p.tps >= 0.9 * base).map(|p| p.at_ms as i64 - epoch as i64)
+}
+
+/// Runs one scenario; returns the JSON result (`summary` + timelines).
+pub fn run(vmm: &Path, sc: &Scenario, port: u16, workdir: &Path) -> Result<Value, String> {
+    std::fs::create_dir_all(workdir).map_err(|e| e.to_string())?;
+    let pair = NetnsPair::create(Some(sc.rate_bps)).map_err(|e| format!("network namespaces: {e}"))?;
+    let mut lan = UserLan::create(&pair).map_err(|e| format!("user network: {e}"))?;
+    for (side, tap) in [(Side::Src, "tapa"), (Side::Src, "tapb"), (Side::Dst, "tapa")] {
+        lan.add_tap(&pair, side, tap).map_err(|e| format!("TAP: {e}"))?;
+    }
+    let tag = format!("vmmbench-{}-{port}", std::process::id());
+    let src_cg = CpuBudget::create(&format!("{tag}-src"), sc.host_cpus).map_err(|e| format!("cgroup: {e}"))?;
+    let dst_cg = CpuBudget::create(&format!("{tag}-dst"), sc.host_cpus).map_err(|e| format!("cgroup: {e}"))?;
+    let key = workdir.join("key");
+    std::fs::write(&key, b"bench-contention-key-0123456789abcdef").map_err(|e| e.to_string())?;
+    let cfg = workdir.join("memslap.cfg");
+    std::fs::write(&cfg, memslap::config(sc.value)).map_err(|e| e.to_string())?;
+    let sock = |n: &str| workdir.join(format!("{n}-{port}.sock"));
+    for n in ["a", "b", "dst"] {
+        let _ = std::fs::remove_file(sock(n));
+    }
+    let log = |name: &str| -> Stdio {
+        std::fs::File::create(workdir.join(format!("{name}-{port}.log")))
+            .map(Stdio::from)
+            .unwrap_or_else(|_| Stdio::null())
+    };
+    let vm = |name: &str, ip: &str, mac: &str, tap: &str| -> Result<Kill, String> {
+        let mut c = pair.command(Side::Src, &vmm.to_string_lossy());
+        c.args(["run", "--testbed", &format!("mcd,ip={ip}/24,value={}", sc.value.max(4096)), "--mem", &sc.mem])
+            .args(["--net", &format!("tap={tap},mac={mac}"), "--serial", "/dev/null", "--api-sock"])
+            .arg(sock(name))
+            .stdout(log(name))
+            .stderr(log(&format!("{name}.err")));
+        let child = c.spawn().map_err(|e| format!("starting VM {name}: {e}"))?;
+        src_cg.add(child.id()).map_err(|e| e.to_string())?;
+        Ok(Kill(child))
+    };
+    let client = ["ip", "netns", "exec", lan.client_ns.as_str()];
+    let total_b = sc.alone_s + sc.contended_s + sc.after_s + 8;
+
+    let _vm_b = vm("b", IP_B, MAC_B, "tapb")?;
+    wait_run_phase(vmm, &sock("b"))?;
+    std::thread::sleep(Duration::from_millis(500));
+    let mslap_b = memslap::Run::start(&client, &format!("{IP_B}:11211"), &cfg, sc.concurrency, total_b)
+        .map_err(|e| e.to_string())?;
+    std::thread::sleep(Duration::from_secs(sc.alone_s));
+    let contention_ms = unix_ms();
+    let _vm_a = vm("a", IP_A, MAC_A, "tapa")?;
+    wait_run_phase(vmm, &sock("a"))?;
+    let to = format!("{DST_IP}:{port}");
+    let mut dst = pair.command(Side::Dst, &vmm.to_string_lossy());
+    dst.args(["receive", "--listen", &to, "--key-file"])
+        .arg(&key)
+        .args(["--net", "tap=tapa", "--serial", "/dev/null", "--api-sock"])
+        .arg(sock("dst"))
+        .stdout(log("dst"))
+        .stderr(log("dst.err"));
+    let dst = Kill(dst.spawn().map_err(|e| format!("starting the destination: {e}"))?);
+    dst_cg.add(dst.0.id()).map_err(|e| e.to_string())?;
+    let mslap_a =
+        memslap::Run::start(&client, &format!("{IP_A}:11211"), &cfg, sc.concurrency, sc.contended_s + sc.after_s + 4)
+            .map_err(|e| e.to_string())?;
+    std::thread::sleep(Duration::from_secs(sc.contended_s));
+
+    let epoch = unix_ms();
+    let report_path = workdir.join(format!("report-{port}.json"));
+    let out = Command::new(vmm)
+        .args(["migrate", "--api-sock"])
+        .arg(sock("a"))
+        .args(["--to", &to, "--mode", &sc.mode, "--key-file"])
+        .arg(&key)
+        .arg("--report")
+        .arg(&report_path)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    if !out.status.success() || report.is_null() {
+        return Err(format!(
+            "{} migration failed: {} {}",
+            sc.mode,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let switch_port = lan.switch_port_of(MAC_A);
+    let (ok_a, parsed_a) = mslap_a.wait();
+    let (ok_b, parsed_b) = mslap_b.wait();
+    let (pa, pb) = (&parsed_a.periods[..], &parsed_b.periods[..]);
+    let dst_status = api(vmm, &sock("dst"), "status").unwrap_or(Value::Null);
+    let _ = api(vmm, &sock("dst"), "shutdown");
+    let _ = api(vmm, &sock("b"), "shutdown");
+    drop(dst);
+
+    let avg = |ps: &[Period], from: u64, to: u64| {
+        let v: Vec<f64> = ps.iter().filter(|p| p.at_ms > from && p.at_ms <= to).map(|p| p.tps).collect();
+        if v.is_empty() {
+            0.0
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        }
+    };
+    // Uncontended: B alone (its first period is a warm-up); contended: both.
+    let uncontended = avg(pb, contention_ms.saturating_sub(sc.alone_s * 1000 - 1000), contention_ms);
+    let contended_b = avg(pb, epoch.saturating_sub(sc.contended_s * 1000 - 1000), epoch);
+    let contended_a = avg(pa, epoch.saturating_sub(sc.contended_s * 1000 - 1000), epoch);
+    let total_ms = report["total_duration_ms"].as_f64().unwrap_or(0.0);
+    let during: Vec<&Period> =
+        pa.iter().filter(|p| p.at_ms > epoch && p.at_ms as f64 <= epoch as f64 + total_ms + 1000.0).collect();
+    let max_lat_ms = during.iter().map(|p| p.max_us).fold(0.0, f64::max) / 1000.0;
+    let summary = json!({
+        "mode": sc.mode,
+        "rate_gbps": sc.rate_bps as f64 / 1e9,
+        "execution_transfer_ms": report["execution_transfer_ms"],
+        "downtime_ms": report["downtime_ms"],
+        "total_duration_ms": report["total_duration_ms"],
+        "integrity": report["integrity"]["match"],
+        "uncontended_ops_per_sec": uncontended,
+        "contended_ops_per_sec": {"migrated": contended_a, "contending": contended_b},
+        "migrated_back_to_90pct_ms": back_to_90(pa, epoch, uncontended),
+        "contending_back_to_90pct_ms": back_to_90(pb, epoch, uncontended),
+        "migrated_max_latency_during_ms": max_lat_ms,
+        "memslap_clean_exit": {"migrated": ok_a, "contending": ok_b},
+        "memslap_connection_errors": parsed_a.connection_errors + parsed_b.connection_errors,
+        "switch_port_after": switch_port,
+        "dest_workload_errors": dst_status["workload"]["errors"],
+    });
+    Ok(json!({
+        "summary": summary,
+        "epoch_ms": epoch,
+        "contention_start_ms": contention_ms as i64 - epoch as i64,
+        "migrated": series(pa, epoch),
+        "contending": series(pb, epoch),
+        "report": report,
+    }))
+}
+
+/// A timeline plot (SVG, by plotters): both VMs' client throughput.
+pub fn plot(result: &Value, title: &str) -> Result<String, String> {
+    use plotters::prelude::*;
+    let pts = |k: &str| -> Vec<(f64, f64)> {
+        result[k]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| Some((p["t_ms"].as_f64()? / 1000.0, p["ops_per_sec"].as_f64()? / 1000.0)))
+            .collect()
+    };
+    let (a, b) = (pts("migrated"), pts("contending"));
+    let x0 = a.iter().chain(&b).map(|p| p.0).fold(0.0, f64::min) - 0.5;
+    let x1 = a.iter().chain(&b).map(|p| p.0).fold(1.0, f64::max) + 0.5;
+    let y1 = a.iter().chain(&b).map(|p| p.1).fold(1.0, f64::max) * 1.15;
+    let total_s = result["summary"]["total_duration_ms"].as_f64().unwrap_or(0.0) / 1000.0;
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (900, 360)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(x0..x1, 0.0..y1)
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .x_desc("seconds since the migration started")
+            .y_desc("client kops/s (memslap)")
+            .draw()
+            .map_err(|e| e.to_string())?;
+        for (x, label) in [(0.0, "migration start"), (total_s, "last page")] {
+            chart
+                .draw_series(LineSeries::new([(x, 0.0), (x, y1)], BLACK.mix(0.4)))
+                .map_err(|e| e.to_string())?
+                .label(label);
+        }
+        chart
+            .draw_series(LineSeries::new(a, RED.stroke_width(2)))
+            .map_err(|e| e.to_string())?
+            .label("migrated VM")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED));
+        chart
+            .draw_series(LineSeries::new(b, BLUE.stroke_width(2)))
+            .map_err(|e| e.to_string())?
+            .label("contending VM")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE));
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| e.to_string())?;
+        root.present().map_err(|e| e.to_string())?;
+    }
+    Ok(svg)
+}
