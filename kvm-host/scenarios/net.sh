@@ -5,7 +5,10 @@
 # --enlightened while one TCP connection to its memcached stays open, the
 # destination's announcement moves the guest's MAC to tap1 in the bridge's
 # FDB before any client traffic, and the same connection then reads back the
-# value it stored before the migration.
+# value it stored before the migration. Meanwhile memslap (memcaslap,
+# set:get 1:9) loads the guest's memcached from L1 through the whole
+# migration: it must exit cleanly with no connection error and be served
+# in every second after the switch-over.
 # timeout: 600
 source /payload/kvm-host/lib.sh "$@"
 source /payload/kvm-host/migrate-common.sh
@@ -51,11 +54,22 @@ port_before=$(fdb_port)
 puts fdb_before "$port_before"
 expect "the bridge has learnt the guest's MAC on tap0 (${port_before:-none})" eval '[ "$port_before" = tap0 ]'
 
+# memslap through the migration; a small key window (-w 1k: 4k keys of
+# 256 bytes) keeps memcached's LRU from evicting the load's own keys.
+printf 'key\n16 16 1\nvalue\n256 256 1\ncmd\n0 0.1\n1 0.9\n' >"$OUT/memslap.cfg"
+{
+  stdbuf -oL memcaslap -s "$GUEST_IP:11211" -F "$OUT/memslap.cfg" -T 1 -c 4 -w 1k -t 30s -S 1s
+  echo "MEMSLAP-EXIT $?"
+} 2>&1 | while IFS= read -r l; do printf '%s %s\n' "$(date +%s.%N)" "$l"; done >"$OUT/memslap.out" &
+memslap_pid=$!
+sleep 4
+
 # Migrate with the connection open.
 VMM_RECV_ARGS=(--net tap=tap1)
 if migrate_and_check src dst 7010 enlightened m1; then
   check_enlightened_report m1
 fi
+migrated_at=$(date +%s.%N)
 port_after=$(fdb_port)
 puts fdb_after "$port_after"
 expect "the destination's announcement moved the guest's MAC to tap1 before any client traffic (${port_after:-none})" \
@@ -70,6 +84,20 @@ puts get_after "$l1 | $l2 | $l3"
 expect "the TCP connection opened before the migration reads the value back from the destination ($l1 | $l2 | $l3)" \
   eval '[ "$l1" = "VALUE netkey 0 16" ] && [ "$l2" = before-migration ] && [ "$l3" = END ]'
 exec 3>&-
+wait "$memslap_pid"
+# Per second (memslap's own Total Statistics period rows): served after the switch-over?
+ms_after=$(awk -v t="$migrated_at" '/Total Statistics/ && !/events/ { tot = 1; next }
+  tot && $2 == "Period" { tot = 0; if ($1 > t) { n++; if ($5 > 0) ok++ } }
+  END { printf "%d/%d", ok, n }' "$OUT/memslap.out")
+ms_errors=$(grep -ciE 'error|fail|refused|reset|closed|timeout' "$OUT/memslap.out" || true)
+ms_summary=$(grep -a 'Run time:' "$OUT/memslap.out" | cut -d' ' -f2- | tail -n1)
+puts memslap "$ms_summary"
+puts memslap_periods_after "$ms_after"
+expect "memslap ran through the migration and exited cleanly ($(grep -a MEMSLAP-EXIT "$OUT/memslap.out" | cut -d' ' -f2-))" \
+  grep -q 'MEMSLAP-EXIT 0$' "$OUT/memslap.out"
+expect "memslap saw no connection error ($ms_errors lines; $ms_summary)" eval '[ "$ms_errors" = 0 ]'
+expect "memslap was served in every second after the switch-over ($ms_after periods)" \
+  eval '[ "${ms_after%/*}" = "${ms_after#*/}" ] && [ "${ms_after#*/}" -gt 0 ]'
 ping_out=$(busybox ping -c 3 -W 5 "$GUEST_IP" 2>&1)
 expect "the guest answers ping at the destination" grep -q ' 0% packet loss' <<<"$ping_out"
 net=$(api dst status 2>/dev/null | jq -c '.net // empty')
