@@ -7,7 +7,7 @@
 //! second, show how fast each recovers.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use netsim::cpu::CpuBudget;
@@ -16,7 +16,7 @@ use netsim::{NetnsPair, Side, DST_IP};
 use serde_json::{json, Value};
 
 use crate::memslap::{self, Period};
-use crate::migration::{api, Kill};
+use crate::migration::{api, migrate_via_api, unix_ms, Kill};
 
 /// One run of the experiment.
 #[derive(Clone, Debug)]
@@ -40,10 +40,6 @@ const MAC_A: &str = "02:00:0a:00:1d:0a";
 const MAC_B: &str = "02:00:0a:00:1d:0b";
 const IP_A: &str = "10.0.29.10";
 const IP_B: &str = "10.0.29.11";
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
 
 fn wait_run_phase(vmm: &Path, sock: &Path) -> Result<(), String> {
     let start = Instant::now();
@@ -135,24 +131,7 @@ pub fn run(vmm: &Path, sc: &Scenario, port: u16, workdir: &Path) -> Result<Value
 
     let epoch = unix_ms();
     let report_path = workdir.join(format!("report-{port}.json"));
-    let out = Command::new(vmm)
-        .args(["migrate", "--api-sock"])
-        .arg(sock("a"))
-        .args(["--to", &to, "--mode", &sc.mode, "--key-file"])
-        .arg(&key)
-        .arg("--report")
-        .arg(&report_path)
-        .output()
-        .map_err(|e| e.to_string())?;
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    if !out.status.success() || report.is_null() {
-        return Err(format!(
-            "{} migration failed: {} {}",
-            sc.mode,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
+    let report = migrate_via_api(vmm, &sock("a"), &to, &sc.mode, &key, &report_path)?;
     let switch_port = lan.switch_port_of(MAC_A);
     let (ok_a, parsed_a) = mslap_a.wait();
     let (ok_b, parsed_b) = mslap_b.wait();

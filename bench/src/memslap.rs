@@ -7,6 +7,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
+use crate::migration::unix_ms;
+
 /// One `Period` line of memslap's "Total Statistics" block.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Period {
@@ -80,10 +82,6 @@ pub struct Run {
     child: Child,
     pub parsed: Arc<Mutex<Parser>>,
     reader: Option<std::thread::JoinHandle<()>>,
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 impl Run {

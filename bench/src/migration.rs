@@ -31,7 +31,8 @@ pub fn api(vmm: &Path, sock: &Path, cmd: &str) -> Option<Value> {
     serde_json::from_slice(&out.stdout).ok()
 }
 
-fn unix_ms() -> u64 {
+/// Milliseconds since the Unix epoch (timeline stamps).
+pub fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
@@ -42,6 +43,36 @@ impl Drop for Kill {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// `vmm migrate` of the VM behind `sock` to `to` in `mode`; the report it
+/// prints, or why it failed.
+pub fn migrate_via_api(
+    vmm: &Path,
+    sock: &Path,
+    to: &str,
+    mode: &str,
+    key: &Path,
+    report_path: &Path,
+) -> Result<Value, String> {
+    let out = Command::new(vmm)
+        .args(["migrate", "--api-sock"])
+        .arg(sock)
+        .args(["--to", to, "--mode", mode, "--key-file"])
+        .arg(key)
+        .arg("--report")
+        .arg(report_path)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    if !out.status.success() || report.is_null() {
+        return Err(format!(
+            "{mode} migration failed: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(report)
 }
 
 /// Runs one scenario; returns the VMM's report extended with the harness's
@@ -92,24 +123,7 @@ pub fn run(vmm: &Path, sc: &Scenario, port: u16, workdir: &Path) -> Result<Value
     std::thread::sleep(Duration::from_secs_f64(sc.warmup_s));
 
     let report_path = workdir.join(format!("report-{port}.json"));
-    let out = Command::new(vmm)
-        .args(["migrate", "--api-sock"])
-        .arg(&src_sock)
-        .args(["--to", &to, "--mode", &sc.mode, "--key-file"])
-        .arg(&key)
-        .arg("--report")
-        .arg(&report_path)
-        .output()
-        .map_err(|e| e.to_string())?;
-    let mut report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    if !out.status.success() || report.is_null() {
-        return Err(format!(
-            "{} migration failed: {} {}",
-            sc.mode,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
+    let mut report = migrate_via_api(vmm, &src_sock, &to, &sc.mode, &key, &report_path)?;
     // Watch the destination.
     let mut dest_samples = Vec::new();
     let until = Instant::now() + Duration::from_secs_f64(sc.after_s);
