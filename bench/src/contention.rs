@@ -14,7 +14,9 @@ use netsim::cpu::CpuBudget;
 use netsim::lan::UserLan;
 use netsim::{NetnsPair, Side, DST_IP};
 use serde_json::{json, Value};
+use testbed_abi::parse_size;
 
+use crate::flowtap::{Bucket, FlowTap};
 use crate::memslap::{self, Period};
 use crate::migration::{api, migrate_via_api, unix_ms, Kill};
 
@@ -67,9 +69,23 @@ fn back_to_90(periods: &[Period], epoch: u64, base: f64) -> Option<i64> {
     periods.iter().find(|p| p.at_ms > epoch && p.tps >= 0.9 * base).map(|p| p.at_ms as i64 - epoch as i64)
 }
 
+/// Milliseconds from the migration start to the end of the first 500 ms
+/// (five 100 ms buckets, sliding by one) whose mean throughput is at least
+/// 90% of `base`.
+fn back_to_90_sustained(bs: &[Bucket], base: f64) -> Option<i64> {
+    let from = bs.iter().position(|b| b.t_ms >= 0)?;
+    bs[from..]
+        .windows(5)
+        .find(|w| w.iter().map(|b| b.ops_per_sec).sum::<f64>() / 5.0 >= 0.9 * base)
+        .map(|w| w[4].t_ms + 100)
+}
+
 /// Runs one scenario; returns the JSON result (`summary` + timelines).
 pub fn run(vmm: &Path, sc: &Scenario, port: u16, workdir: &Path) -> Result<Value, String> {
     std::fs::create_dir_all(workdir).map_err(|e| e.to_string())?;
+    // As on a real host, free memory is backed (see host_memory): three VMs' worth.
+    let warm_ms = crate::host_memory::warm(3 * parse_size(&sc.mem).unwrap_or(1 << 30) as usize);
+    eprintln!("  warmed host memory in {warm_ms:.0} ms");
     let pair = NetnsPair::create(Some(sc.rate_bps)).map_err(|e| format!("network namespaces: {e}"))?;
     let mut lan = UserLan::create(&pair).map_err(|e| format!("user network: {e}"))?;
     for (side, tap) in [(Side::Src, "tapa"), (Side::Src, "tapb"), (Side::Dst, "tapa")] {
@@ -105,6 +121,8 @@ pub fn run(vmm: &Path, sc: &Scenario, port: u16, workdir: &Path) -> Result<Value
     let client = ["ip", "netns", "exec", lan.client_ns.as_str()];
     let total_b = sc.alone_s + sc.contended_s + sc.after_s + 8;
 
+    // Every request and answer on the client's interface, per 100 ms.
+    let tap = FlowTap::start(&lan.client_ns, "cli0").map_err(|e| format!("packet tap on cli0: {e}"))?;
     let _vm_b = vm("b", IP_B, MAC_B, "tapb")?;
     wait_run_phase(vmm, &sock("b"))?;
     std::thread::sleep(Duration::from_millis(500));
@@ -118,7 +136,7 @@ pub fn run(vmm: &Path, sc: &Scenario, port: u16, workdir: &Path) -> Result<Value
     let mut dst = pair.command(Side::Dst, &vmm.to_string_lossy());
     dst.args(["receive", "--listen", &to, "--key-file"])
         .arg(&key)
-        .args(["--net", "tap=tapa", "--serial", "/dev/null", "--api-sock"])
+        .args(["--net", "tap=tapa", "--serial", "/dev/null", "--prealloc", &sc.mem, "--api-sock"])
         .arg(sock("dst"))
         .stdout(log("dst"))
         .stderr(log("dst.err"));
@@ -136,6 +154,7 @@ pub fn run(vmm: &Path, sc: &Scenario, port: u16, workdir: &Path) -> Result<Value
     let (ok_a, parsed_a) = mslap_a.wait();
     let (ok_b, parsed_b) = mslap_b.wait();
     let (pa, pb) = (&parsed_a.periods[..], &parsed_b.periods[..]);
+    let samples = tap.finish();
     let dst_status = api(vmm, &sock("dst"), "status").unwrap_or(Value::Null);
     let _ = api(vmm, &sock("dst"), "shutdown");
     let _ = api(vmm, &sock("b"), "shutdown");
@@ -157,6 +176,31 @@ pub fn run(vmm: &Path, sc: &Scenario, port: u16, workdir: &Path) -> Result<Value
     let during: Vec<&Period> =
         pa.iter().filter(|p| p.at_ms > epoch && p.at_ms as f64 <= epoch as f64 + total_ms + 1000.0).collect();
     let max_lat_ms = during.iter().map(|p| p.max_us).fold(0.0, f64::max) / 1000.0;
+    // The same at 100 ms, from the packet tap.
+    let end_ms = unix_ms();
+    let ip = |s: &str| s.parse::<std::net::Ipv4Addr>().expect("an IPv4 literal");
+    let ta = samples.buckets(ip(IP_A), samples.start_unix_ms, end_ms, epoch, 100);
+    let tb = samples.buckets(ip(IP_B), samples.start_unix_ms, end_ms, epoch, 100);
+    let mean = |bs: &[Bucket], from: i64, to: i64| {
+        let v: Vec<f64> = bs.iter().filter(|b| b.t_ms >= from && b.t_ms < to).map(|b| b.ops_per_sec).collect();
+        if v.is_empty() {
+            0.0
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        }
+    };
+    let rel = |unix: u64| unix as i64 - epoch as i64;
+    let uncontended_tap = mean(&tb, rel(contention_ms) - (sc.alone_s as i64 - 1) * 1000, rel(contention_ms));
+    let during = (epoch, epoch + total_ms as u64 + 1000);
+    let tap = json!({
+        "uncontended_ops_per_sec": uncontended_tap,
+        "migrated_back_to_90pct_ms": back_to_90_sustained(&ta, uncontended_tap),
+        "contending_back_to_90pct_ms": back_to_90_sustained(&tb, uncontended_tap),
+        "migrated_p99_during_ms": samples.percentile(ip(IP_A), during.0, during.1, 0.99),
+        "contending_p99_during_ms": samples.percentile(ip(IP_B), during.0, during.1, 0.99),
+        "migrated_p90_during_ms": samples.percentile(ip(IP_A), during.0, during.1, 0.90),
+        "answers_seen": samples.ops.len(),
+    });
     let summary = json!({
         "mode": sc.mode,
         "rate_gbps": sc.rate_bps as f64 / 1e9,
@@ -173,6 +217,7 @@ pub fn run(vmm: &Path, sc: &Scenario, port: u16, workdir: &Path) -> Result<Value
         "memslap_connection_errors": parsed_a.connection_errors + parsed_b.connection_errors,
         "switch_port_after": switch_port,
         "dest_workload_errors": dst_status["workload"]["errors"],
+        "tap_100ms": tap,
     });
     Ok(json!({
         "summary": summary,
@@ -180,6 +225,8 @@ pub fn run(vmm: &Path, sc: &Scenario, port: u16, workdir: &Path) -> Result<Value
         "contention_start_ms": contention_ms as i64 - epoch as i64,
         "migrated": series(pa, epoch),
         "contending": series(pb, epoch),
+        "migrated_100ms": ta,
+        "contending_100ms": tb,
         "report": report,
     }))
 }
@@ -196,9 +243,12 @@ pub fn plot(result: &Value, title: &str) -> Result<String, String> {
             .collect()
     };
     let (a, b) = (pts("migrated"), pts("contending"));
+    let (a100, b100) = (pts("migrated_100ms"), pts("contending_100ms"));
     let x0 = a.iter().chain(&b).map(|p| p.0).fold(0.0, f64::min) - 0.5;
     let x1 = a.iter().chain(&b).map(|p| p.0).fold(1.0, f64::max) + 0.5;
-    let y1 = a.iter().chain(&b).map(|p| p.1).fold(1.0, f64::max) * 1.15;
+    let y1 = a.iter().chain(&b).chain(&a100).chain(&b100).map(|p| p.1).fold(1.0, f64::max) * 1.15;
+    let (a100, b100): (Vec<_>, Vec<_>) =
+        (a100.into_iter().filter(|p| p.0 >= x0).collect(), b100.into_iter().filter(|p| p.0 >= x0).collect());
     let total_s = result["summary"]["total_duration_ms"].as_f64().unwrap_or(0.0) / 1000.0;
     let mut svg = String::new();
     {
@@ -214,7 +264,7 @@ pub fn plot(result: &Value, title: &str) -> Result<String, String> {
         chart
             .configure_mesh()
             .x_desc("seconds since the migration started")
-            .y_desc("client kops/s (memslap)")
+            .y_desc("client kops/s (memslap 1 s; tap 100 ms)")
             .draw()
             .map_err(|e| e.to_string())?;
         for (x, label) in [(0.0, "migration start"), (total_s, "last page")] {
@@ -223,6 +273,8 @@ pub fn plot(result: &Value, title: &str) -> Result<String, String> {
                 .map_err(|e| e.to_string())?
                 .label(label);
         }
+        chart.draw_series(LineSeries::new(a100, RED.mix(0.35))).map_err(|e| e.to_string())?;
+        chart.draw_series(LineSeries::new(b100, BLUE.mix(0.35))).map_err(|e| e.to_string())?;
         chart
             .draw_series(LineSeries::new(a, RED.stroke_width(2)))
             .map_err(|e| e.to_string())?

@@ -3,7 +3,9 @@
 //! the bridged user network, one VM migrated with --enlightened. memslap
 //! must finish cleanly with no connection error on either VM, the switch
 //! must forward the migrated guest's MAC to the destination host, and
-//! memslap must see the migrated VM serve after the switch-over.
+//! memslap must see the migrated VM serve after the switch-over; the packet
+//! tap must see both VMs answer at 100 ms resolution, and the destination
+//! must place guest RAM as huge pages from its prepared pool.
 
 use bench::contention::{plot, run, Scenario};
 
@@ -44,6 +46,24 @@ fn memslap_keeps_both_vms_served_through_an_enlightened_migration() {
         .count();
     assert!(served_after >= 1, "memslap saw the migrated VM serve after the switch-over: {r}");
     assert!(s["uncontended_ops_per_sec"].as_f64().unwrap() > 0.0, "{s}");
+    // The packet tap paired requests with answers for both VMs, before and
+    // after the switch-over, at 100 ms.
+    let served_100ms = |k: &str, after: bool| {
+        r[k].as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| (b["t_ms"].as_i64().unwrap() > 1000) == after && b["ops_per_sec"].as_f64().unwrap() > 0.0)
+            .count()
+    };
+    for k in ["migrated_100ms", "contending_100ms"] {
+        assert!(served_100ms(k, false) >= 5 && served_100ms(k, true) >= 5, "{k}: {}", r[k]);
+    }
+    assert!(s["tap_100ms"]["uncontended_ops_per_sec"].as_f64().unwrap() > 0.0, "{s}");
+    assert!(s["tap_100ms"]["migrated_p99_during_ms"].as_f64().unwrap() > 0.0, "{s}");
+    // Guest RAM went in as whole huge pages from the prepared pool.
+    let d = &r["report"]["destination"];
+    assert!(d["huge_blocks_placed"].as_u64().unwrap() > 0, "{d}");
+    assert!(d["blocks_from_prepared_pool"].as_u64().unwrap() > 0, "{d}");
     let svg = plot(&r, "test").unwrap();
     assert!(svg.contains("<svg") && svg.contains("migrated VM"), "plotters drew the timeline");
     let _ = std::fs::remove_dir_all(&dir);

@@ -4,6 +4,7 @@
 //! installs the answers, another installs pushed pages; free pages are
 //! mapped here as zero pages, never fetched. When no page is missing it
 //! unregisters and acknowledges with the digest of everything installed.
+//! Pages go in as whole 2 MiB huge pages where they can ([`crate::blocks`]).
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::blocks::{Blocks, LazyFault, Staged};
 use crate::error::{Error, Result};
 use crate::space::{decode_ranges, page_digest, send_ranges, zero_digest, Bits, Digests, PageSpace, PAGE_SIZE as PAGE};
 pub use crate::transport::MainConn;
@@ -28,6 +30,8 @@ pub struct Dest {
     regions: Vec<pager::Region>,
     pub space: PageSpace,
     pub digests: Digests,
+    /// 2 MiB blocks gathered and placed as huge pages.
+    blocks: Blocks,
     /// Requested pages and when the first fault on each was seen.
     pending: Mutex<HashMap<u64, Instant>>,
     latencies: pager::Latencies,
@@ -37,12 +41,13 @@ pub struct Dest {
     pub failed: Mutex<Option<String>>,
     pub push_pages: AtomicU64,
     pub demand_pages: AtomicU64,
+    /// Pages that came with a demand answer as the rest of its block.
+    pub block_pages: AtomicU64,
     pub zero_pages: AtomicU64,
     pub free_pages: AtomicU64,
-    /// Free pages (enlightened): mapped as zero pages locally, on a fault
-    /// or by [`Dest::zero_free_pages`] after the VM resumed, never fetched.
+    /// Free pages (enlightened): deferred in the pager (never fetched,
+    /// zero when faulted), like zero pages.
     free: Bits,
-    free_ranges: Mutex<Vec<(u64, u64)>>,
     /// Faults on free pages, resolved locally.
     pub free_faults: AtomicU64,
     pub requests: AtomicU64,
@@ -80,14 +85,15 @@ impl Dest {
         // long as the VM (the caller keeps `mem` alive as long as the pager)
         // and are not accessed before registration.
         let pager = unsafe { pager::Pager::register(&regions) }.map_err(|e| e.to_string())?;
-        let pager_regions = regions.clone();
+        let blocks = Blocks::new(&pager, &regions);
         let space = PageSpace::of(mem);
         let n = space.pages();
         Ok(Self {
             pager,
-            regions: pager_regions,
+            regions,
             space,
             digests: Digests::new(n),
+            blocks,
             pending: Mutex::new(HashMap::new()),
             latencies: pager::Latencies::default(),
             free_latencies: pager::Latencies::default(),
@@ -95,10 +101,10 @@ impl Dest {
             failed: Mutex::new(None),
             push_pages: AtomicU64::new(0),
             demand_pages: AtomicU64::new(0),
+            block_pages: AtomicU64::new(0),
             zero_pages: AtomicU64::new(0),
             free_pages: AtomicU64::new(0),
             free: Bits::new(n),
-            free_ranges: Mutex::new(Vec::new()),
             free_faults: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             resumed_at: Mutex::new(None),
@@ -121,45 +127,16 @@ impl Dest {
         }
     }
 
-    /// Notes free `(first_pfn, count)` ranges (before the switch-over).
-    /// Mapping 1.6 GiB of zero pages takes ~100 ms, which must not count as
-    /// downtime: they are mapped when faulted, or in the background.
+    /// Notes free `(first_pfn, count)` ranges (before the switch-over):
+    /// deferred like zero pages, so nothing is mapped (no downtime) and
+    /// nothing fetched; a fault on one maps zero locally.
     pub fn note_free(&self, ranges: &[(u64, u64)]) -> Result<()> {
-        for &(pfn, count) in ranges {
-            let clipped = self.space.clip(pfn, count);
-            if clipped.iter().map(|c| c.1).sum::<u64>() != count {
-                return Err(Error::from(format!("range of {count} pages at frame {pfn:#x} is not all RAM")));
-            }
-            for (first, n) in clipped {
-                for i in first..first + n {
-                    self.free.set(i);
-                }
-                self.free_pages.fetch_add(n, Ordering::Relaxed);
-            }
-        }
-        self.free_ranges.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(ranges);
-        Ok(())
+        self.install_ranges(ranges, true)
     }
 
-    /// Maps every free page as a zero page, 2 MiB at a time (the VM runs).
-    pub fn zero_free_pages(&self) {
-        let ranges = std::mem::take(&mut *self.free_ranges.lock().unwrap_or_else(|e| e.into_inner()));
-        for (pfn, count) in ranges {
-            for (first, n) in self.space.clip(pfn, count) {
-                let mut i = first;
-                while i < first + n {
-                    let step = (first + n - i).min(512);
-                    let gpa = self.space.gpa(i);
-                    if let Err(e) = self.pager.install_zero(gpa, step * PAGE) {
-                        return self.fail(format!("mapping free pages at {gpa:#x}: {e}"));
-                    }
-                    i += step;
-                }
-            }
-        }
-    }
-
-    /// Maps `(first_pfn, count)` ranges as zero (free or zero pages).
+    /// Zero (or, with `free`, free) `(first_pfn, count)` ranges: deferred in
+    /// the pager and the blocks, not mapped; vCPUs already waiting for one
+    /// of these pages get a zero page now.
     pub fn install_ranges(&self, ranges: &[(u64, u64)], free: bool) -> Result<()> {
         for &(pfn, count) in ranges {
             let clipped = self.space.clip(pfn, count);
@@ -169,7 +146,12 @@ impl Dest {
             }
             for (first, n) in clipped {
                 let gpa = self.space.gpa(first);
-                self.pager.install_zero(gpa, n * PAGE).map_err(|e| format!("mapping zero pages at {gpa:#x}: {e}"))?;
+                self.blocks.defer(&self.pager, gpa, n).map_err(|e| format!("noting zero pages at {gpa:#x}: {e}"))?;
+                if free {
+                    for i in first..first + n {
+                        self.free.set(i);
+                    }
+                }
                 let d = if free { 0 } else { zero_digest() };
                 for i in first..first + n {
                     self.digests.set(i, d);
@@ -178,43 +160,93 @@ impl Dest {
                 c.fetch_add(n, Ordering::Relaxed);
             }
         }
-        self.resolve_pending_ranges(ranges);
-        Ok(())
+        self.resolve_pending_ranges(ranges)
     }
 
-    fn resolve_pending_ranges(&self, ranges: &[(u64, u64)]) {
+    fn resolve_pending_ranges(&self, ranges: &[(u64, u64)]) -> Result<()> {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         if p.is_empty() {
-            return;
+            return Ok(());
         }
         let now = Instant::now();
         let mut lat = Vec::new();
+        let mut hits = Vec::new();
         p.retain(|gpa, t| {
             let pfn = gpa / PAGE;
             let hit = ranges.iter().any(|&(a, n)| pfn >= a && pfn < a + n);
             if hit {
                 lat.push(now.duration_since(*t).as_micros() as u64);
+                hits.push(*gpa);
             }
             !hit
         });
         drop(p);
+        for gpa in hits {
+            self.zero_fault(gpa).map_err(|e| format!("mapping zero page {gpa:#x}: {e}"))?;
+        }
         self.latencies.extend_us(lat);
+        Ok(())
+    }
+
+    /// Resolves a vCPU's wait for a page now known to be zero: a zeroed
+    /// huge page where its block is all zero, else a 4 KiB zero page.
+    fn zero_fault(&self, gpa: u64) -> std::io::Result<()> {
+        match self.blocks.fault_lazy(&self.pager, gpa, || {})? {
+            LazyFault::Resolved => {}
+            LazyFault::Requested => {
+                self.blocks.break_at(&self.pager, gpa)?;
+                self.pager.install_zero(gpa, PAGE)?;
+            }
+            LazyFault::Zero => {
+                self.pager.install_zero(gpa, PAGE)?;
+            }
+        }
+        Ok(())
     }
 
     /// Installs the pages of a `Pages` payload.
     fn install_pages(&self, payload: &[u8], demand: bool) -> Result<()> {
-        for (gpa, data) in wire::page_records(payload).map_err(|e| e.to_string())? {
+        let records: Vec<(u64, &[u8])> = wire::page_records(payload).map_err(|e| e.to_string())?.collect();
+        // Gather (or install) them all first: a demand answer can carry the
+        // rest of its block, which then goes in whole.
+        for &(gpa, data) in &records {
             let idx = self.space.index(gpa).ok_or_else(|| format!("page {gpa:#x} is not RAM"))?;
-            let d = page_digest(data);
-            let r = self.pager.install(gpa, data).map_err(|e| format!("installing page {gpa:#x}: {e}"))?;
-            if r == pager::Installed::New {
-                self.digests.set(idx, d);
-                if demand { &self.demand_pages } else { &self.push_pages }.fetch_add(1, Ordering::Relaxed);
+            let staged =
+                self.blocks.stage(&self.pager, gpa, data).map_err(|e| format!("gathering page {gpa:#x}: {e}"))?;
+            let new = match staged {
+                Staged::Gathered(new) => new,
+                Staged::Direct => {
+                    self.pager.install(gpa, data).map_err(|e| format!("installing page {gpa:#x}: {e}"))?
+                        == pager::Installed::New
+                }
+            };
+            if new {
+                self.digests.set(idx, page_digest(data));
+                let asked = demand && self.pending.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&gpa);
+                match (demand, asked) {
+                    (false, _) => &self.push_pages,
+                    (true, true) => &self.demand_pages,
+                    (true, false) => &self.block_pages,
+                }
+                .fetch_add(1, Ordering::Relaxed);
             }
+        }
+        // Then no vCPU may wait for a page that is here: a page asked for
+        // and still gathered breaks its block (it goes in now).
+        for &(gpa, data) in &records {
             let t = self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&gpa);
-            if let Some(t) = t {
-                self.latencies.record(t);
+            let Some(t) = t else { continue };
+            if !self.pager.is_present(gpa) {
+                self.blocks.break_at(&self.pager, gpa).map_err(|e| format!("installing page {gpa:#x}: {e}"))?;
             }
+            if !self.pager.is_present(gpa) {
+                // A deferred (zero or free) page the vCPU asked the source for.
+                let r = self.pager.install(gpa, data).map_err(|e| format!("installing page {gpa:#x}: {e}"))?;
+                if let (pager::Installed::New, Some(idx)) = (r, self.space.index(gpa)) {
+                    self.digests.set(idx, page_digest(data));
+                }
+            }
+            self.latencies.record(t);
         }
         Ok(())
     }
@@ -242,6 +274,15 @@ impl Dest {
             match fr.recv() {
                 Ok(Some(f)) if f.kind == Kind::Pages => {
                     if let Err(e) = self.install_pages(&f.payload, true) {
+                        return self.fail(e.to_string());
+                    }
+                }
+                // The zero pages of a requested page's block.
+                Ok(Some(f)) if f.kind == Kind::Zero => {
+                    if let Err(e) = decode_ranges(&f.payload, "zero")
+                        .map_err(Error::from)
+                        .and_then(|r| self.install_ranges(&r, false))
+                    {
                         return self.fail(e.to_string());
                     }
                 }
@@ -280,6 +321,8 @@ impl Dest {
                 }
             }
         }
+        // Every pushed page is here: the blocks still gathering go in.
+        self.blocks.finish(&self.pager).map_err(|e| format!("placing huge pages: {e}"))?;
         let deadline = Instant::now() + Duration::from_secs(60);
         while self.pager.missing() > 0 {
             if let Some(e) = self.failed.lock().unwrap_or_else(|p| p.into_inner()).clone() {
@@ -346,7 +389,7 @@ impl Dest {
         let mut out: Vec<(u64, u64)> = Vec::new();
         for i in 0..self.space.pages() {
             let gpa = self.space.gpa(i);
-            if !self.pager.is_present(gpa) {
+            if !self.pager.is_present(gpa) && !self.pager.is_deferred(gpa) && !self.blocks.is_staged(gpa) {
                 let pfn = gpa / PAGE;
                 match out.last_mut() {
                     Some((a, n)) if *a + *n == pfn => *n += 1,
@@ -404,9 +447,12 @@ impl Dest {
     }
 
     /// Pages installed one by one are 4 KiB pages; the source had huge
-    /// pages (MADV_HUGEPAGE). Collapse every 2 MiB block without free pages
-    /// back into a huge page (MADV_COLLAPSE, Linux 6.1+), so the guest gets
-    /// its TLB reach back; free blocks stay unbacked.
+    /// pages (MADV_HUGEPAGE). Collapse every 2 MiB block that went in that
+    /// way back into a huge page (MADV_COLLAPSE, Linux 6.1+), so the guest
+    /// gets its TLB reach back. Blocks placed whole are huge already; blocks
+    /// never touched stay unbacked (the kernel gives them a huge page on
+    /// first touch); where no block could be placed (no UFFDIO_MOVE), those
+    /// with free pages stay as they are.
     fn collapse_huge_pages(&self) {
         const HUGE: usize = 2 << 20;
         let t = Instant::now();
@@ -417,8 +463,14 @@ impl Dest {
             while a + HUGE <= r.host_addr + r.len {
                 let gpa = r.guest_base + (a - r.host_addr) as u64;
                 let idx = self.space.index(gpa).unwrap_or(0);
-                let any_free = (idx..idx + (HUGE as u64 / PAGE)).any(|i| self.free.get(i));
-                if !any_free {
+                let pages = idx..idx + (HUGE as u64 / PAGE);
+                let worth = if self.blocks.placeable(gpa) {
+                    self.blocks.went_small(gpa)
+                } else {
+                    !pages.clone().any(|i| self.free.get(i))
+                };
+                let touched = pages.clone().any(|i| self.pager.is_present(self.space.gpa(i)));
+                if worth && touched {
                     // SAFETY: [a, a+2M) lies inside a guest RAM mapping this
                     // VMM owns; MADV_COLLAPSE only changes how its (present)
                     // pages are backed, never their content.
@@ -438,6 +490,18 @@ impl Dest {
         );
     }
 
+    /// Notes that a vCPU waits for `gpa` and adds it to the next request
+    /// (once).
+    fn ask(&self, gpa: u64, req: &mut Vec<u8>) {
+        let fresh = {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            !self.pager.is_present(gpa) && p.insert(gpa, Instant::now()).is_none()
+        };
+        if fresh {
+            req.extend_from_slice(&gpa.to_le_bytes());
+        }
+    }
+
     /// Statistics for the source's report.
     pub fn stats(&self) -> Value {
         let lat = self.latencies.summary();
@@ -452,10 +516,16 @@ impl Dest {
             "requests": self.requests.load(Ordering::Relaxed),
             "push_pages": self.push_pages.load(Ordering::Relaxed),
             "demand_pages": self.demand_pages.load(Ordering::Relaxed),
+            "block_pages": self.block_pages.load(Ordering::Relaxed),
             "zero_pages": self.zero_pages.load(Ordering::Relaxed),
             "free_pages": self.free_pages.load(Ordering::Relaxed),
             "free_faults": self.free_faults.load(Ordering::Relaxed),
             "reconnections": self.reconnections.load(Ordering::Relaxed),
+            "huge_blocks_placed": self.blocks.counters.placed.load(Ordering::Relaxed),
+            "zero_blocks_placed": self.blocks.counters.zero_placed.load(Ordering::Relaxed),
+            "blocks_broken": self.blocks.counters.broken.load(Ordering::Relaxed),
+            "blocks_broken_by": self.blocks.counters.broken_by_reason(),
+            "blocks_from_prepared_pool": self.blocks.from_pool.load(Ordering::Relaxed),
             "fault_latency_ms": lat,
             "free_fault_latency_ms": self.free_latencies.summary(),
             "resume_to_complete_ms": since(resumed, completed),
@@ -490,17 +560,20 @@ impl DemandRequests<'_> {
 impl pager::PageSource for DemandRequests<'_> {
     fn answer(&mut self, gpa: u64, _page: &mut [u8]) -> std::io::Result<pager::Answer> {
         let d = self.dest;
-        if d.space.index(gpa).is_some_and(|i| d.free.get(i)) {
-            d.free_faults.fetch_add(1, Ordering::Relaxed);
-            return Ok(pager::Answer::Zero);
+        if d.pager.is_deferred(gpa) {
+            if d.space.index(gpa).is_some_and(|i| d.free.get(i)) {
+                d.free_faults.fetch_add(1, Ordering::Relaxed);
+            }
+            // A whole zero block placed as a huge page (the vCPU woken), the
+            // rest of a filling block asked for, or one zero page.
+            let req = &mut self.req;
+            return Ok(match d.blocks.fault_lazy(&d.pager, gpa, || d.ask(gpa, req))? {
+                LazyFault::Resolved | LazyFault::Requested => pager::Answer::Requested,
+                LazyFault::Zero => pager::Answer::Zero,
+            });
         }
-        let fresh = {
-            let mut p = d.pending.lock().unwrap_or_else(|e| e.into_inner());
-            !d.pager.is_present(gpa) && p.insert(gpa, Instant::now()).is_none()
-        };
-        if fresh {
-            self.req.extend_from_slice(&gpa.to_le_bytes());
-        }
+        let req = &mut self.req;
+        d.blocks.fault_data(&d.pager, gpa, || d.ask(gpa, req))?;
         Ok(pager::Answer::Requested)
     }
 

@@ -14,6 +14,7 @@
 //! - [`transport`]: tokens, the interactive demand lane, byte counting.
 //! - [`error`]: the engine's typed errors.
 
+pub mod blocks;
 pub mod dest;
 pub mod error;
 pub mod policy;

@@ -262,8 +262,6 @@ impl PostcopyIncoming {
         std::thread::spawn(move || sample(stop, tl));
         let main = stream.try_clone()?;
         let d = dest.clone();
-        std::thread::Builder::new().name("postcopy-free".into()).spawn(move || d.zero_free_pages())?;
-        let d = dest.clone();
         std::thread::Builder::new().name("postcopy-main".into()).spawn(move || {
             // The confirmation was frame 0 of this side.
             if let Err(e) = d.main_reader((rest, main, 1)) {

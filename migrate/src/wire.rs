@@ -57,7 +57,7 @@ use std::io::{self, Read, Write};
 /// "VMMMIGR\0"
 pub const MAGIC: [u8; 8] = *b"VMMMIGR\0";
 /// Protocol version; peers with another version are refused.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Largest frame payload accepted (a batch of pages plus headers).
 pub const MAX_PAYLOAD: u32 = 16 << 20;
 /// Frame header size.

@@ -14,9 +14,11 @@ use migrate::dest::Dest;
 use migrate::push::{Round, Source};
 use migrate::space::{GuestMem, PAGE_SIZE};
 use migrate::wire::{FrameReader, FrameWriter, Kind};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 const MIB: u64 = 1 << 20;
+
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn memory(regions: &[(u64, u64)]) -> GuestMem {
     let r: Vec<(GuestAddress, usize)> = regions.iter().map(|&(a, l)| (GuestAddress(a), l as usize)).collect();
@@ -54,12 +56,42 @@ struct Outcome {
     dest_stats: serde_json::Value,
     source: Arc<Source>,
     integrity: bool,
+    /// AnonHugePages of the destination's guest RAM mappings, in KiB.
+    huge_kib: u64,
+}
+
+/// AnonHugePages (KiB) of the mapping of this process holding `addr`.
+fn anon_huge_kib(addr: usize) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut inside = false;
+    for line in smaps.lines() {
+        let head = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = head.split_once('-').filter(|_| !head.ends_with(':')) {
+            if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+                inside = addr >= a && addr < b;
+                continue;
+            }
+        }
+        if inside && line.starts_with("AnonHugePages:") {
+            return line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+        }
+    }
+    0
 }
 
 /// Runs post-copy of `regions` (with `free` pfn ranges marked free on both
-/// ends when given) while a reader thread touches the destination's pages
-/// in a scattered order. Returns the destination's statistics.
-fn run(regions: &[(u64, u64)], free: &[(u64, u64)]) -> Outcome {
+/// ends when given) while (with `reads`) a reader thread touches the
+/// destination's pages in a scattered order. Returns the destination's
+/// statistics.
+/// With `pool` > 0, that many bytes of huge pages are prepared first (as
+/// `vmm receive --prealloc`).
+fn run(regions: &[(u64, u64)], free: &[(u64, u64)], reads: bool, pool: u64) -> Outcome {
+    // One at a time: the prepared huge-page pool is per process.
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if pool > 0 {
+        pager::staging::prepare_pool(pool).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
     let free_v: Vec<(u64, u64)> = free.to_vec();
     let is_free = move |gpa: u64| free_v.iter().any(|&(a, n)| gpa / PAGE_SIZE >= a && gpa / PAGE_SIZE < a + n);
     let expect = move |gpa: u64| {
@@ -80,11 +112,6 @@ fn run(regions: &[(u64, u64)], free: &[(u64, u64)]) -> Outcome {
     // Enlightened: free frames are known on both ends before the switch-over.
     let ranges = source.mark_free(free.iter().copied());
     dest.note_free(&ranges).unwrap();
-    // As the VMM does once the VM runs: free pages mapped as zero in the background.
-    let zeroer = {
-        let d = dest.clone();
-        std::thread::spawn(move || d.zero_free_pages())
-    };
 
     let (main_src, main_dst) = pair();
     let (demand_src, demand_dst) = pair();
@@ -111,7 +138,7 @@ fn run(regions: &[(u64, u64)], free: &[(u64, u64)]) -> Outcome {
     let vcpu = {
         let (m, pages, expect) = (dst_mem.clone(), pages.clone(), expect.clone());
         std::thread::spawn(move || {
-            let n = pages.len();
+            let n = if reads { pages.len() } else { 0 };
             let mut bad = 0u64;
             for i in 0..n {
                 let gpa = pages[(i * 7919 + n / 2) % n] + 512;
@@ -148,7 +175,6 @@ fn run(regions: &[(u64, u64)], free: &[(u64, u64)]) -> Outcome {
     faults.join().unwrap();
     let _ = demand_reader.join();
     let _ = server.join();
-    zeroer.join().unwrap();
     // Every page as on the source, free pages zero (userfaultfd is
     // unregistered by now: plain reads).
     let zero = vec![0u8; PAGE_SIZE as usize];
@@ -160,14 +186,18 @@ fn run(regions: &[(u64, u64)], free: &[(u64, u64)]) -> Outcome {
         let want = if expect(gpa + 512) == 0 && (gpa / PAGE_SIZE) % 3 != 0 { &zero } else { &a };
         assert!(&b == want, "page {gpa:#x} differs");
     }
-    Outcome { dest_stats, source, integrity }
+    let huge_kib = regions
+        .iter()
+        .map(|&(base, _)| anon_huge_kib(dst_mem.get_host_address(GuestAddress(base)).unwrap() as usize))
+        .sum();
+    Outcome { dest_stats, source, integrity, huge_kib }
 }
 
 #[test]
 fn postcopy_moves_every_page_with_demand_faults_served() {
     let regions = [(0, 8 * MIB), (4096 * MIB, 4 * MIB)];
     let t = Instant::now();
-    let o = run(&regions, &[]);
+    let o = run(&regions, &[], true, 0);
     assert!(o.integrity, "digests differ");
     let d = &o.dest_stats;
     let total = 12 * MIB / PAGE_SIZE;
@@ -186,7 +216,7 @@ fn enlightened_free_pages_are_never_sent() {
     // pfns 0x300..0x600 free (the zero every-third pages among them too).
     let regions = [(0, 8 * MIB)];
     let free = [(0x300, 0x300)];
-    let o = run(&regions, &free);
+    let o = run(&regions, &free, true, 0);
     assert!(o.integrity, "digests differ");
     let d = &o.dest_stats;
     assert_eq!(d["free_pages"].as_u64().unwrap(), 0x300, "{d}");
@@ -198,4 +228,33 @@ fn enlightened_free_pages_are_never_sent() {
         d["push_pages"].as_u64().unwrap() + d["demand_pages"].as_u64().unwrap() <= 8 * MIB / PAGE_SIZE - 0x300,
         "{d}"
     );
+}
+
+#[test]
+fn pushed_blocks_go_in_as_huge_pages() {
+    // 16 MiB, one 2 MiB block all free: the other seven are gathered and
+    // moved in whole (UFFDIO_MOVE); the free one stays unbacked.
+    let regions = [(0, 16 * MIB)];
+    let free = [(0x400, 0x200)];
+    let o = run(&regions, &free, false, 0);
+    assert!(o.integrity, "digests differ");
+    let d = &o.dest_stats;
+    assert_eq!(d["huge_blocks_placed"].as_u64().unwrap(), 7, "{d}");
+    assert_eq!(d["blocks_broken"].as_u64().unwrap(), 0, "{d}");
+    assert_eq!(d["faults"].as_u64().unwrap(), 0, "{d}");
+    // Read before the collapse could run: the placed blocks are huge pages.
+    assert!(o.huge_kib >= 7 * 2048, "destination guest RAM has {} KiB of huge pages: {d}", o.huge_kib);
+}
+
+#[test]
+fn blocks_take_prepared_huge_pages_first() {
+    // As `vmm receive --prealloc 8M`: four huge pages prepared before the
+    // migration; the first four blocks gathered take them.
+    let regions = [(0, 16 * MIB)];
+    let o = run(&regions, &[], false, 8 * MIB);
+    assert!(o.integrity, "digests differ");
+    let d = &o.dest_stats;
+    assert_eq!(d["huge_blocks_placed"].as_u64().unwrap(), 8, "{d}");
+    assert_eq!(d["blocks_from_prepared_pool"].as_u64().unwrap(), 4, "{d}");
+    assert!(o.huge_kib >= 8 * 2048, "destination guest RAM has {} KiB of huge pages: {d}", o.huge_kib);
 }

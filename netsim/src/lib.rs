@@ -216,18 +216,27 @@ impl NetnsPair {
         side: Side,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> io::Result<std::thread::JoinHandle<io::Result<T>>> {
-        let path = format!("/var/run/netns/{}", self.ns(side));
-        let file = std::fs::File::open(&path).map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))?;
-        Ok(std::thread::spawn(move || {
-            use std::os::fd::AsRawFd;
-            // SAFETY: setns with a valid namespace fd and CLONE_NEWNET only
-            // changes this thread's network namespace.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(f())
-        }))
+        spawn_in_ns(self.ns(side), f)
     }
+}
+
+/// Runs `f` on a new thread that has entered the named network namespace
+/// (`ip netns`).
+pub fn spawn_in_ns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<std::thread::JoinHandle<io::Result<T>>> {
+    let path = format!("/var/run/netns/{ns}");
+    let file = std::fs::File::open(&path).map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))?;
+    Ok(std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns with a valid namespace fd and CLONE_NEWNET only
+        // changes this thread's network namespace.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(f())
+    }))
 }
 
 impl Drop for NetnsPair {

@@ -21,7 +21,9 @@ use std::time::Duration;
 use userfaultfd::{Event, RegisterMode, Uffd, UffdBuilder};
 
 pub mod faults;
+pub mod staging;
 pub use faults::{serve, Answer, Latencies, PageSource};
+pub use staging::Staging;
 
 /// Page size the pager works in.
 pub const PAGE_SIZE: u64 = 4096;
@@ -41,6 +43,20 @@ struct RegionState {
     region: Region,
     /// One bit per page: installed.
     present: Vec<AtomicU64>,
+    /// One bit per page: known zero and deliberately left unmapped
+    /// ([`Pager::defer`]); it faults like a missing page.
+    deferred: Vec<AtomicU64>,
+    /// One bit per page: present or deferred (no longer counted missing).
+    settled: Vec<AtomicU64>,
+}
+
+fn set_bit(bits: &[AtomicU64], page: u64) -> bool {
+    let bit = 1u64 << (page % 64);
+    bits[(page / 64) as usize].fetch_or(bit, Ordering::AcqRel) & bit == 0
+}
+
+fn get_bit(bits: &[AtomicU64], page: u64) -> bool {
+    bits[(page / 64) as usize].load(Ordering::Acquire) & (1 << (page % 64)) != 0
 }
 
 impl RegionState {
@@ -49,13 +65,15 @@ impl RegionState {
             && gpa.checked_add(len).is_some_and(|end| end <= self.region.guest_base + self.region.len as u64)
     }
 
+    /// Marks a page present; true if it was not counted missing before
+    /// (neither present nor deferred) and so leaves the missing count.
     fn mark(&self, page: u64) -> bool {
-        let bit = 1u64 << (page % 64);
-        self.present[(page / 64) as usize].fetch_or(bit, Ordering::AcqRel) & bit == 0
+        set_bit(&self.present, page);
+        set_bit(&self.settled, page)
     }
 
     fn is_present(&self, page: u64) -> bool {
-        self.present[(page / 64) as usize].load(Ordering::Acquire) & (1 << (page % 64)) != 0
+        get_bit(&self.present, page)
     }
 }
 
@@ -82,8 +100,26 @@ pub struct Pager {
     uffd: Uffd,
     regions: Vec<RegionState>,
     missing: AtomicU64,
+    /// The kernel moves pages into place (`UFFDIO_MOVE`, Linux 6.8+).
+    can_move: bool,
     pub counters: Counters,
 }
+
+/// Huge page size of [`Pager::move_block`] and [`Staging`].
+pub const BLOCK_SIZE: u64 = 2 << 20;
+
+/// `UFFD_FEATURE_MOVE` and the `UFFDIO_MOVE` ioctl (Linux 6.8; not in the
+/// userfaultfd crate yet).
+const UFFD_FEATURE_MOVE: u64 = 1 << 10;
+#[repr(C)]
+struct UffdioMove {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    moved: i64,
+}
+vmm_sys_util::ioctl_iowr_nr!(UFFDIO_MOVE, 0xAA, 0x05, UffdioMove);
 
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
@@ -105,12 +141,26 @@ impl Pager {
     /// `len` bytes at `host_addr` that outlives the pager, and nothing else
     /// may register it with userfaultfd.
     pub unsafe fn register(regions: &[Region]) -> io::Result<Self> {
-        let uffd =
-            UffdBuilder::new().close_on_exec(true).non_blocking(true).user_mode_only(false).create().map_err(|e| {
-                io::Error::other(format!(
-                    "cannot create a userfaultfd (root or vm.unprivileged_userfaultfd=1 needed): {e}"
-                ))
-            })?;
+        let build = |features: u64| {
+            UffdBuilder::new()
+                .close_on_exec(true)
+                .non_blocking(true)
+                .user_mode_only(false)
+                .require_features(userfaultfd::FeatureFlags::from_bits_retain(features))
+                .create()
+        };
+        // UFFDIO_MOVE where the kernel has it; plain copies otherwise.
+        let (uffd, can_move) = match build(UFFD_FEATURE_MOVE) {
+            Ok(u) => (u, true),
+            Err(_) => (
+                build(0).map_err(|e| {
+                    io::Error::other(format!(
+                        "cannot create a userfaultfd (root or vm.unprivileged_userfaultfd=1 needed): {e}"
+                    ))
+                })?,
+                false,
+            ),
+        };
         let mut states = Vec::with_capacity(regions.len());
         let mut missing = 0;
         for r in regions {
@@ -121,12 +171,98 @@ impl Pager {
                 .map_err(|e| io::Error::other(format!("registering {r:?} with userfaultfd: {e}")))?;
             let pages = r.len as u64 / PAGE_SIZE;
             missing += pages;
-            states.push(RegionState {
-                region: *r,
-                present: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
-            });
+            let bits = || (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+            states.push(RegionState { region: *r, present: bits(), deferred: bits(), settled: bits() });
         }
-        Ok(Self { uffd, regions: states, missing: AtomicU64::new(missing), counters: Counters::default() })
+        Ok(Self { uffd, regions: states, missing: AtomicU64::new(missing), can_move, counters: Counters::default() })
+    }
+
+    /// Whether [`Pager::move_block`] can place huge pages (UFFDIO_MOVE).
+    pub fn can_move(&self) -> bool {
+        self.can_move
+    }
+
+    /// Settles known-zero pages over `[gpa, gpa+len)` without mapping them:
+    /// they no longer count as missing, but stay unmapped (after
+    /// [`Pager::unregister`] the kernel backs them on first touch, with a
+    /// huge page where the whole 2 MiB is untouched); until then a fault on
+    /// one is reported like any missing page. Returns how many pages were
+    /// newly settled.
+    pub fn defer(&self, gpa: u64, len: u64) -> io::Result<u64> {
+        let r = self.find(gpa, len)?;
+        let first = (gpa - r.region.guest_base) / PAGE_SIZE;
+        let mut n = 0;
+        for page in first..first + len / PAGE_SIZE {
+            if r.is_present(page) {
+                continue;
+            }
+            set_bit(&r.deferred, page);
+            if set_bit(&r.settled, page) {
+                n += 1;
+            }
+        }
+        self.missing.fetch_sub(n, Ordering::AcqRel);
+        Ok(n)
+    }
+
+    /// Whether the page holding `gpa` was deferred (and is not present).
+    pub fn is_deferred(&self, gpa: u64) -> bool {
+        let gpa = gpa - gpa % PAGE_SIZE;
+        match self.find(gpa, PAGE_SIZE) {
+            Ok(r) => {
+                let page = (gpa - r.region.guest_base) / PAGE_SIZE;
+                get_bit(&r.deferred, page) && !r.is_present(page)
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Whether the 2 MiB block at `gpa` (block aligned) can be placed as one
+    /// huge page: inside one region, at a 2 MiB aligned host address.
+    pub fn block_placeable(&self, gpa: u64) -> bool {
+        self.can_move
+            && gpa % BLOCK_SIZE == 0
+            && self
+                .find(gpa, BLOCK_SIZE)
+                .is_ok_and(|r| (r.region.host_addr as u64 + gpa - r.region.guest_base) % BLOCK_SIZE == 0)
+    }
+
+    /// Moves slot `slot` of `staging` (a huge page there) into place as the
+    /// 2 MiB block at `gpa` (UFFDIO_MOVE: no copy; the guest gets a
+    /// PMD-mapped huge page) and wakes whoever waits on it. No page of the
+    /// block may be present and every page of the slot must be backed
+    /// (written or [`Staging::touch_zero`]): a hole stops the move. On an
+    /// error, `Err((moved, e))` tells how many leading bytes moved (they
+    /// are present now); the rest are still in the slot.
+    pub fn move_block(&self, gpa: u64, staging: &Staging, slot: u64) -> Result<(), (u64, io::Error)> {
+        if !self.block_placeable(gpa) {
+            return Err((0, invalid(format!("block {gpa:#x} cannot be placed as a huge page"))));
+        }
+        let src = staging.slot_addr(slot).map_err(|e| (0, e))?;
+        let r = self.find(gpa, BLOCK_SIZE).map_err(|e| (0, e))?;
+        let first = (gpa - r.region.guest_base) / PAGE_SIZE;
+        let dst = r.region.host_addr as u64 + first * PAGE_SIZE;
+        let mut arg = UffdioMove { dst, src: src as u64, len: BLOCK_SIZE, mode: 0, moved: 0 };
+        // SAFETY: UFFDIO_MOVE on our userfaultfd with a valid, initialised
+        // argument; dst is a block of a registered region (checked above),
+        // src a slot of the staging mapping this process owns; the kernel
+        // moves the pages between the two (both private anonymous) and
+        // writes only `arg.moved`.
+        let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&self.uffd, UFFDIO_MOVE(), &mut arg) };
+        let err = (rc != 0).then(io::Error::last_os_error);
+        let moved = if rc == 0 { BLOCK_SIZE } else { arg.moved.max(0) as u64 / PAGE_SIZE * PAGE_SIZE };
+        let mut n = 0;
+        for page in first..first + moved / PAGE_SIZE {
+            if r.mark(page) {
+                n += 1;
+            }
+        }
+        self.missing.fetch_sub(n, Ordering::AcqRel);
+        self.counters.installed.fetch_add(moved / PAGE_SIZE, Ordering::Relaxed);
+        match err {
+            None => Ok(()),
+            Some(e) => Err((moved, e)),
+        }
     }
 
     fn find(&self, gpa: u64, len: u64) -> io::Result<&RegionState> {

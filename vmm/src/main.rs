@@ -88,6 +88,12 @@ enum Command {
         /// driver supports it) so bridges and switches send its traffic here at once.
         #[arg(long = "net", value_name = "tap=NAME")]
         nets: Vec<NetSpec>,
+        /// Prepare up to SIZE of huge pages (e.g. 1G, the guest's size) while waiting, so that
+        /// after a post-copy switch-over guest RAM goes in as whole 2 MiB pages with no
+        /// allocation or zeroing in the VM's time (like QEMU's -mem-prealloc). Preparation
+        /// stops when a migration arrives; what is ready by then is used.
+        #[arg(long, value_name = "SIZE", value_parser = parse_mem)]
+        prealloc: Option<u64>,
     },
     /// Migrate a running VM to a `vmm receive` destination and print the report.
     ///
@@ -521,7 +527,12 @@ fn main() -> ExitCode {
             cfg.nets = nets;
             run_vm(cfg, api_sock, session)
         }
-        Command::Receive { listen, key_file, serial, api_sock, disk_map, nets } => {
+        Command::Receive { listen, key_file, serial, api_sock, disk_map, nets, prealloc } => {
+            if let Some(bytes) = prealloc {
+                if let Err(e) = pager::staging::prepare_pool(bytes) {
+                    log::warn!("receive: cannot prepare huge pages: {e}");
+                }
+            }
             receive(&listen, &key_file, &serial, api_sock, disk_map, nets)
         }
         Command::Migrate { api_sock, to, enlightened, mode, key_file, report } => {

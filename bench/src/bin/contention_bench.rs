@@ -1,7 +1,7 @@
 //! The contention experiment (issue 12): two memcached VMs on one host,
 //! memslap clients, one VM migrated in each mode at each link rate.
 //!
-//!   contention-bench [--modes a,b,..] [--rates 1000,10000] [--mem 1G] [--host-cpus 0.6] [--out DIR]
+//!   contention-bench [--modes a,b,..] [--rates 1000,10000] [--mem 1G] [--host-cpus 0.25] [--out DIR]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,7 +14,7 @@ fn main() -> ExitCode {
         ["stop-and-copy", "precopy", "postcopy", "enlightened"].iter().map(|s| s.to_string()).collect();
     let mut rates = vec![1000u64, 10000];
     let mut mem = "1G".to_string();
-    let mut host_cpus = 0.6;
+    let mut host_cpus = 0.25;
     let mut out = PathBuf::from("target/contention-bench");
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -24,16 +24,19 @@ fn main() -> ExitCode {
             "--modes" => modes = val().split(',').map(str::to_owned).collect(),
             "--rates" => rates = val().split(',').filter_map(|s| s.parse().ok()).collect(),
             "--mem" => mem = val(),
-            "--host-cpus" => host_cpus = val().parse().unwrap_or(0.6),
+            "--host-cpus" => host_cpus = val().parse().unwrap_or(0.25),
             "--out" => out = PathBuf::from(val()),
             "-h" | "--help" => {
                 println!(
                     "contention-bench [--modes stop-and-copy,precopy,postcopy,enlightened] [--rates 1000,10000] [--mem 1G]\n\
-                     \x20                [--host-cpus 0.6] [--out target/contention-bench]\n\
+                     \x20                [--host-cpus 0.25] [--out target/contention-bench]\n\
                      Two `mcd` testbed VMs (memcached servers) share the source host's CPU budget (a cgroup per host\n\
                      namespace); memslap (Debian's memcaslap, set:get 1:9) loads both from a client namespace over a\n\
                      bridged user network; one VM migrates in each mode. Prints a table from memslap's own per-second\n\
-                     output, writes <mode>-<rate>.json and .svg (plotters) and contention.json."
+                     output and, at 100 ms, from a packet tap on the client's interface that pairs each request\n\
+                     with its answer (throughput, p90/p99 latency; `tap` columns: end of the first 500 ms window\n\
+                     back at 90% of the uncontended rate). Writes <mode>-<rate>.json and .svg (plotters) and\n\
+                     contention.json. The destination prepares huge pages while it waits (`vmm receive --prealloc`)."
                 );
                 return ExitCode::SUCCESS;
             }
@@ -84,7 +87,7 @@ fn main() -> ExitCode {
     let _ = std::fs::write(out.join("contention.json"), serde_json::Value::Array(rows.clone()).to_string());
     let f = |v: &serde_json::Value| v.as_f64().map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into());
     println!(
-        "{:<14} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>10}",
+        "{:<14} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>10} {:>12} {:>12} {:>9}",
         "mode",
         "Gbit/s",
         "exec ms",
@@ -94,7 +97,10 @@ fn main() -> ExitCode {
         "cont/s",
         "mig 90% ms",
         "cont 90% ms",
-        "max lat ms"
+        "max lat ms",
+        "mig 90% tap",
+        "cont 90% tap",
+        "p99 ms"
     );
     let mut ok = true;
     for r in &rows {
@@ -104,7 +110,7 @@ fn main() -> ExitCode {
             continue;
         }
         println!(
-            "{:<14} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>10.1}",
+            "{:<14} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>10.1} {:>12} {:>12} {:>9.1}",
             r["mode"].as_str().unwrap_or("?"),
             r["rate_gbps"],
             f(&r["execution_transfer_ms"]),
@@ -115,6 +121,9 @@ fn main() -> ExitCode {
             f(&r["migrated_back_to_90pct_ms"]),
             f(&r["contending_back_to_90pct_ms"]),
             r["migrated_max_latency_during_ms"].as_f64().unwrap_or(0.0),
+            f(&r["tap_100ms"]["migrated_back_to_90pct_ms"]),
+            f(&r["tap_100ms"]["contending_back_to_90pct_ms"]),
+            r["tap_100ms"]["migrated_p99_during_ms"].as_f64().unwrap_or(0.0),
         );
     }
     if ok {
