@@ -122,18 +122,28 @@ start_vm() {
 # boot_vm NAME DISK GUEST_SCRIPT [TIMEOUT]: start_vm, then waits for the
 # guest's VMM-GUEST-READY. Under TCG the nested SVM host now and then kills
 # an L2 guest while it boots (KVM_EXIT_SHUTDOWN, "guest triple fault", about
-# one boot in ten, never after the guest is up; kvm-host/README.md): then the
-# boot is retried once on a fresh copy of the disk, the first attempt's logs
+# one boot in ten, never after the guest is up; kvm-host/README.md), or one of
+# its vCPUs never runs again during the boot (an RCU stall on it before the
+# guest is up): then the boot is retried once on a fresh copy of the disk, the first attempt's logs
 # kept as NAME.try1.*, and the figure boot_retries counts it.
 BOOT_RETRIES=0
 boot_vm() {
   local name=$1 disk=$2 script=$3 t=${4:-180}
   start_vm "$name" "$disk" "$script"
   wait_serial "$name" 'VMM-GUEST-READY' "$t" && return 0
-  alive "$name" && return 1
-  grep -aq 'triple fault' "$OUT/$name.stderr" 2>/dev/null || return 1
-  wait_vm "$name" 1
-  log "the L2 guest $name died while booting ($(grep -a 'triple fault' "$OUT/$name.stderr" | tail -n1 | cut -c1-200)); booting it once more"
+  local why
+  if alive "$name"; then
+    # The other form: a vCPU that never runs again while the kernel boots
+    # (an RCU stall on it before the guest is up; the NMI gets no answer).
+    grep -aq 'rcu_sched detected stalls' "$OUT/$name.serial" 2>/dev/null || return 1
+    why="a vCPU stalled while booting: $(grep -a 'rcu: .*-\.\.\.' "$OUT/$name.serial" | tail -n1 | cut -c1-120)"
+    kill -KILL "${VM_PID[$name]}" 2>/dev/null
+  else
+    grep -aq 'triple fault' "$OUT/$name.stderr" 2>/dev/null || return 1
+    why="died: $(grep -a 'triple fault' "$OUT/$name.stderr" | tail -n1 | cut -c1-200)"
+  fi
+  wait_vm "$name" 5
+  log "the L2 guest $name failed while booting ($why); booting it once more"
   local f
   for f in serial stderr stdout; do mv -f "$OUT/$name.$f" "$OUT/$name.try1.$f" 2>/dev/null; done
   BOOT_RETRIES=$((BOOT_RETRIES + 1))
