@@ -191,17 +191,25 @@ impl Dest {
     /// Resolves a vCPU's wait for a page now known to be zero: a zeroed
     /// huge page where its block is all zero, else a 4 KiB zero page.
     fn zero_fault(&self, gpa: u64) -> std::io::Result<()> {
-        match self.blocks.fault_lazy(&self.pager, gpa, || {})? {
-            LazyFault::Resolved => {}
-            LazyFault::Requested => {
-                self.blocks.break_at(&self.pager, gpa)?;
-                self.pager.install_zero(gpa, PAGE)?;
-            }
-            LazyFault::Zero => {
-                self.pager.install_zero(gpa, PAGE)?;
-            }
+        if self.zero_locally(gpa)? {
+            self.pager.install_zero(gpa, PAGE)?;
         }
         Ok(())
+    }
+
+    /// Resolves a zero (or free) page here, never asking the source: a
+    /// zeroed huge page for a block that is all zero (`Ok(false)`: done,
+    /// the vCPU woken), else its block breaks and `Ok(true)` says one 4 KiB
+    /// zero page is to go in.
+    fn zero_locally(&self, gpa: u64) -> std::io::Result<bool> {
+        Ok(match self.blocks.fault_lazy(&self.pager, gpa, || {})? {
+            LazyFault::Resolved => false,
+            LazyFault::Requested => {
+                self.blocks.break_at(&self.pager, gpa)?;
+                true
+            }
+            LazyFault::Zero => true,
+        })
     }
 
     /// Installs the pages of a `Pages` payload.
@@ -562,7 +570,11 @@ impl pager::PageSource for DemandRequests<'_> {
         let d = self.dest;
         if d.pager.is_deferred(gpa) {
             if d.space.index(gpa).is_some_and(|i| d.free.get(i)) {
+                // Free pages are never asked for: resolved here (a zeroed
+                // huge page for a block that is all zero or free, else its
+                // block breaks and one zero page goes in).
                 d.free_faults.fetch_add(1, Ordering::Relaxed);
+                return Ok(if d.zero_locally(gpa)? { pager::Answer::Zero } else { pager::Answer::Requested });
             }
             // A whole zero block placed as a huge page (the vCPU woken), the
             // rest of a filling block asked for, or one zero page.
