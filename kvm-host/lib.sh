@@ -124,24 +124,28 @@ start_vm() {
 # an L2 guest while it boots (KVM_EXIT_SHUTDOWN, "guest triple fault", about
 # one boot in ten, never after the guest is up; kvm-host/README.md), or one of
 # its vCPUs never runs again during the boot (an RCU stall on it before the
-# guest is up): then the boot is retried once on a fresh copy of the disk, the first attempt's logs
-# kept as NAME.try1.*, and the figure boot_retries counts it.
+# guest is up), or the boot just never reaches VMM-GUEST-READY: then the boot
+# is retried once on a fresh copy of the disk (a second failure fails it),
+# the first attempt's logs kept as NAME.try1.*, and the figure boot_retries
+# counts it.
 BOOT_RETRIES=0
 boot_vm() {
   local name=$1 disk=$2 script=$3 t=${4:-180}
   start_vm "$name" "$disk" "$script"
   wait_serial "$name" 'VMM-GUEST-READY' "$t" && return 0
   local why
-  if alive "$name"; then
-    # The other form: a vCPU that never runs again while the kernel boots
-    # (an RCU stall on it before the guest is up; the NMI gets no answer).
-    grep -aq 'rcu_sched detected stalls' "$OUT/$name.serial" 2>/dev/null || return 1
-    why="a vCPU stalled while booting: $(grep -a 'rcu: .*-\.\.\.' "$OUT/$name.serial" | tail -n1 | cut -c1-120)"
-    kill -KILL "${VM_PID[$name]}" 2>/dev/null
-  else
-    grep -aq 'triple fault' "$OUT/$name.stderr" 2>/dev/null || return 1
+  if grep -aq 'triple fault' "$OUT/$name.stderr" 2>/dev/null; then
     why="died: $(grep -a 'triple fault' "$OUT/$name.stderr" | tail -n1 | cut -c1-200)"
+  elif grep -aq 'rcu_sched detected stalls' "$OUT/$name.serial" 2>/dev/null; then
+    # A vCPU that never runs again while the kernel boots (an RCU stall on
+    # it before the guest is up; the NMI gets no answer).
+    why="a vCPU stalled while booting: $(grep -a 'rcu: .*-\.\.\.' "$OUT/$name.serial" | tail -n1 | cut -c1-120)"
+  elif alive "$name"; then
+    why="no VMM-GUEST-READY within $t s; serial ends: $(tail -n1 "$OUT/$name.serial" 2>/dev/null | tr -d '\r' | cut -c1-120)"
+  else
+    why="the VMM ended before VMM-GUEST-READY: $(tail -n1 "$OUT/$name.stderr" 2>/dev/null | cut -c1-160)"
   fi
+  alive "$name" && kill -KILL "${VM_PID[$name]}" 2>/dev/null
   wait_vm "$name" 5
   log "the L2 guest $name failed while booting ($why); booting it once more"
   local f
