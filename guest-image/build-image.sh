@@ -67,13 +67,29 @@ ln -sfn /init "$r/sbin/init"
 printf 'root:x:0:0:root:/root:/bin/sh\nmemcache:x:100:100:memcached:/nonexistent:/bin/false\n' >"$r/etc/passwd"
 printf 'root:x:0:\nmemcache:x:100:\n' >"$r/etc/group"
 echo vmm-guest >"$r/etc/hostname"
-printf 'kernel=%s\nbusybox=%s\nmemcached=%s\n' "$release" \
-  "$(dpkg-query -W -f '${Version}' busybox-static)" "$(dpkg-query -W -f '${Version}' memcached)" >"$r/etc/vmm-guest-release"
+printf 'kernel=%s\nbusybox=%s\nmemcached=%s\nmariadb=%s\nsysbench=%s\n' "$release" \
+  "$(dpkg-query -W -f '${Version}' busybox-static)" "$(dpkg-query -W -f '${Version}' memcached)" \
+  "$(chroot /build/apps /usr/sbin/mariadbd --version | awk '{print $3}')" "$(chroot /build/apps /usr/bin/sysbench --version | awk '{print $2}')" \
+  >"$r/etc/vmm-guest-release"
 
 # Reproducible archives: fixed timestamps, sorted entries, root owner.
 find "$r" -exec touch -h -d @0 {} +
 (cd "$r" && find . -print0 | LC_ALL=C sort -z | cpio --null --create --format=newc --owner=0:0 --reproducible --quiet) |
   gzip -9n >"$out/rootfs.cpio.gz"
-size_mb=$(($(du -sm "$r" | cut -f1) * 2 + 64))
+
+# MariaDB and sysbench, bundled in the apps chroot with their libraries,
+# share files and an initialized data directory (see bundle-apps.sh): in
+# rootfs.ext4 only (~100 MiB; rootfs.cpio.gz stays a small initramfs).
+[ -x /build/apps/usr/sbin/mariadbd ] || { echo "error: no application bundle at /build/apps" >&2; exit 1; }
+(cd /build/apps && find . ! -type d -print) | while read -r f; do
+  mkdir -p "$r/$(dirname "$f")"
+  cp -a "/build/apps/$f" "$r/$f"
+done
+mkdir -p "$r/run/mysqld"
+chroot "$r" /usr/sbin/mariadbd --version
+chroot "$r" /usr/bin/sysbench --version
+
+find "$r" -exec touch -h -d @0 {} +
+size_mb=$(($(du -sm "$r" | cut -f1) * 5 / 4 + 128))
 mke2fs -q -t ext4 -L vmm-root -d "$r" -E root_owner=0:0 "$out/rootfs.ext4" "${size_mb}M"
 ls -l "$out"/rootfs.cpio.gz "$out"/rootfs.ext4 "$out"/enlighten.ko

@@ -13,23 +13,9 @@
 source /payload/kvm-host/lib.sh "$@"
 source /payload/kvm-host/migrate-common.sh
 
-MAC=02:00:0a:00:02:0f
-GUEST_IP=10.0.2.15
-modprobe tun 2>/dev/null
-modprobe bridge 2>/dev/null
-[ -c /dev/net/tun ] || { mkdir -p /dev/net; mknod /dev/net/tun c 10 200; }
-ip link add br0 type bridge || fail "ip link add br0 type bridge"
-ip addr add 10.0.2.1/24 dev br0 2>/dev/null
-for t in tap0 tap1; do
-  ip tuntap add "$t" mode tap || fail "ip tuntap add $t"
-  ip link set "$t" master br0
-  ip link set "$t" up
-done
-ip link set br0 up
-fdb_port() { bridge fdb show br br0 2>/dev/null | awk -v m="$MAC" '$1 == m { for (i = 1; i < NF; i++) if ($i == "dev") print $(i + 1) }' | head -n1; }
+source /payload/kvm-host/net-common.sh
 
 disk=$(fresh_disk net)
-VMM_RUN_ARGS=(--net "tap=tap0,mac=$MAC")
 t0=$(now)
 boot_vm src "$disk" "$K/guest/net.sh" 180 || fail "no VMM-GUEST-READY from the guest within 180 s (see src.serial, src.stderr)"
 put boot_s "$(since "$t0")"
@@ -56,16 +42,20 @@ expect "the bridge has learnt the guest's MAC on tap0 (${port_before:-none})" ev
 
 # memslap through the migration; a small key window (-w 1k: 4k keys of
 # 256 bytes) keeps memcached's LRU from evicting the load's own keys.
+# Throttled to 300 requests/s (-P): unthrottled (~1000/s under TCG, two
+# interrupts each) the L2 guest triple-faulted within seconds about one run
+# in two *before any migration* (seen with stop-and-copy, at the source),
+# and L1 itself panicked in KVM_RUN (bad GS in exc_page_fault): the nested
+# SVM emulation, not vmm (kvm-host/README.md, "Known emulation faults").
 printf 'key\n16 16 1\nvalue\n256 256 1\ncmd\n0 0.1\n1 0.9\n' >"$OUT/memslap.cfg"
 {
-  stdbuf -oL memcaslap -s "$GUEST_IP:11211" -F "$OUT/memslap.cfg" -T 1 -c 4 -w 1k -t 30s -S 1s
+  stdbuf -oL memcaslap -s "$GUEST_IP:11211" -F "$OUT/memslap.cfg" -T 1 -c 4 -w 1k -P 300 -t 30s -S 1s
   echo "MEMSLAP-EXIT $?"
 } 2>&1 | while IFS= read -r l; do printf '%s %s\n' "$(date +%s.%N)" "$l"; done >"$OUT/memslap.out" &
 memslap_pid=$!
 sleep 4
 
 # Migrate with the connection open.
-VMM_RECV_ARGS=(--net tap=tap1)
 if migrate_and_check src dst 7010 enlightened m1; then
   check_enlightened_report m1
 fi
