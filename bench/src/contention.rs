@@ -30,6 +30,11 @@ pub struct Scenario {
     pub host_cpus: f64,
     pub concurrency: u32,
     pub value: usize,
+    /// Percent of guest RAM for each VM's store (`mcd,share=`).
+    pub store_pct: u32,
+    /// Percent of the store preloaded before the run (`mcd,fill=`): a warm
+    /// cache, as in the thesis (its memcached VMs held ~80% of RAM in use).
+    pub fill_pct: u32,
     /// Seconds the contending VM runs alone (its uncontended rate).
     pub alone_s: u64,
     /// Seconds both run contended before the migration.
@@ -109,11 +114,17 @@ pub fn run(vmm: &Path, sc: &Scenario, port: u16, workdir: &Path) -> Result<Value
     };
     let vm = |name: &str, ip: &str, mac: &str, tap: &str| -> Result<Kill, String> {
         let mut c = pair.command(Side::Src, &vmm.to_string_lossy());
-        c.args(["run", "--testbed", &format!("mcd,ip={ip}/24,value={}", sc.value.max(4096)), "--mem", &sc.mem])
-            .args(["--net", &format!("tap={tap},mac={mac}"), "--serial", "/dev/null", "--api-sock"])
-            .arg(sock(name))
-            .stdout(log(name))
-            .stderr(log(&format!("{name}.err")));
+        c.args([
+            "run",
+            "--testbed",
+            &format!("mcd,ip={ip}/24,value={},share={},fill={}", sc.value.max(4096), sc.store_pct, sc.fill_pct),
+            "--mem",
+            &sc.mem,
+        ])
+        .args(["--net", &format!("tap={tap},mac={mac}"), "--serial", "/dev/null", "--api-sock"])
+        .arg(sock(name))
+        .stdout(log(name))
+        .stderr(log(&format!("{name}.err")));
         let child = c.spawn().map_err(|e| format!("starting VM {name}: {e}"))?;
         src_cg.add(child.id()).map_err(|e| e.to_string())?;
         Ok(Kill(child))
@@ -204,6 +215,9 @@ pub fn run(vmm: &Path, sc: &Scenario, port: u16, workdir: &Path) -> Result<Value
     let summary = json!({
         "mode": sc.mode,
         "rate_gbps": sc.rate_bps as f64 / 1e9,
+        "store_pct": sc.store_pct,
+        "fill_pct": sc.fill_pct,
+        "migration_bytes": report["bytes"],
         "execution_transfer_ms": report["execution_transfer_ms"],
         "downtime_ms": report["downtime_ms"],
         "total_duration_ms": report["total_duration_ms"],
@@ -229,6 +243,41 @@ pub fn run(vmm: &Path, sc: &Scenario, port: u16, workdir: &Path) -> Result<Value
         "contending_100ms": tb,
         "report": report,
     }))
+}
+
+/// The median of each number in `runs` (summaries of repetitions of one
+/// scenario), by the same key paths as the first run; anything else (and
+/// numbers missing from some runs) as in the first. `runs` must not be empty.
+pub fn median(runs: &[Value]) -> Value {
+    fn at<'a>(v: &'a Value, path: &[String]) -> Option<&'a Value> {
+        path.iter().try_fold(v, |v, k| v.get(k))
+    }
+    fn walk(first: &Value, runs: &[Value], path: &mut Vec<String>) -> Value {
+        match first {
+            Value::Object(m) => Value::Object(
+                m.iter()
+                    .map(|(k, v)| {
+                        path.push(k.clone());
+                        let out = walk(v, runs, path);
+                        path.pop();
+                        (k.clone(), out)
+                    })
+                    .collect(),
+            ),
+            Value::Number(_) => {
+                let mut xs: Vec<f64> = runs.iter().filter_map(|r| at(r, path)?.as_f64()).collect();
+                if xs.len() != runs.len() {
+                    return first.clone();
+                }
+                xs.sort_by(f64::total_cmp);
+                let n = xs.len();
+                let m = if n % 2 == 1 { xs[n / 2] } else { (xs[n / 2 - 1] + xs[n / 2]) / 2.0 };
+                json!(m)
+            }
+            other => other.clone(),
+        }
+    }
+    walk(&runs[0], runs, &mut Vec::new())
 }
 
 /// A timeline plot (SVG, by plotters): both VMs' client throughput.
@@ -294,4 +343,25 @@ pub fn plot(result: &Value, title: &str) -> Result<String, String> {
         root.present().map_err(|e| e.to_string())?;
     }
     Ok(svg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_takes_each_number_by_path() {
+        let runs = [
+            json!({"mode": "a", "x": 3, "t": {"y": 10.0, "z": null}, "only_first": 1}),
+            json!({"mode": "b", "x": 1, "t": {"y": 30.0, "z": 5}}),
+            json!({"mode": "c", "x": 2, "t": {"y": 20.0, "z": 6}}),
+        ];
+        let m = median(&runs);
+        assert_eq!(m["mode"], "a");
+        assert_eq!(m["x"], 2.0);
+        assert_eq!(m["t"]["y"], 20.0);
+        assert_eq!(m["t"]["z"], Value::Null);
+        assert_eq!(m["only_first"], 1, "not in every run: the first run's");
+        assert_eq!(median(&runs[..2])["x"], 2.0, "an even count: the mean of the middle two");
+    }
 }

@@ -26,6 +26,8 @@ fn memslap_keeps_both_vms_served_through_an_enlightened_migration() {
         host_cpus: 0.5,
         concurrency: 8,
         value: 1024,
+        store_pct: 40,
+        fill_pct: 25,
         alone_s: 2,
         contended_s: 2,
         after_s: 3,

@@ -9,7 +9,7 @@
 //! | `kv`   | `share=PCT` of RAM filled (default 50), `value=BYTES` value size (default 1024), `ratio=SET:GET` (default 1:9), `theta=F` Zipf skew (default 0.99) |
 //! | `disk` | `size=SIZE` bytes of disk exercised (default 16M, capped at the disk size), `block=SIZE` request size (default 4096) |
 //! | `app`  | `state=SIZE|PCT%` state filled at boot (default 25%), `features=N` regions in it (default 32); per session: `steps=N` features opened (default 8), `think=MS` pause between them (default 200), `flow=PCT` chance of following the usual workflow to the next feature (default 70) |
-//! | `mcd`  | a memcached server on the VM's virtio-net device: `ip=A.B.C.D/PREFIX` (default 10.0.9.15/24), `port=N` (11211), `share=PCT` of RAM for the store (default 25), `value=BYTES` largest value (4096) |
+//! | `mcd`  | a memcached server on the VM's virtio-net device: `ip=A.B.C.D/PREFIX` (default 10.0.9.15/24), `port=N` (11211), `share=PCT` of RAM for the store (default 25), `value=BYTES` largest value (4096), `fill=PCT` of the store's slots preloaded with `max`-sized values before the run phase, like a warm cache (default 0) |
 //! | `virtio-garbage` | no keys; a test workload that writes garbage to virtio registers, descriptors and rings |
 //! | `fault` | no keys; a test workload that executes `ud2` with no IDT, i.e. triple-faults the VM |
 //!
@@ -145,6 +145,9 @@ pub struct McdParams {
     pub share_pct: u32,
     /// Largest value in bytes.
     pub max_value: u32,
+    /// Percent of the store's slots preloaded (keys `fill:N`, values of
+    /// `max_value` bytes) before the run phase.
+    pub fill_pct: u32,
 }
 
 /// A parsed workload specification.
@@ -206,7 +209,7 @@ fn valid_keys(workload: &str) -> &'static str {
         "kv" => "duration, seed, share, value, ratio, theta",
         "disk" => "duration, seed, size, block",
         "app" => "duration, seed, state, features, steps, think, flow",
-        "mcd" => "duration, seed, ip, port, share, value",
+        "mcd" => "duration, seed, ip, port, share, value, fill",
         _ => "duration, seed",
     }
 }
@@ -274,7 +277,7 @@ impl WorkloadSpec {
             kv: KvParams { share_pct: 50, value_size: 1024, sets: 1, gets: 9, theta_milli: 990 },
             disk: DiskParams { size: 16 << 20, block: 4096 },
             app: AppParams { state: SizeOrPercent::Percent(25), features: 32, steps: 8, think_ms: 200, flow_pct: 70 },
-            mcd: McdParams { ip: [10, 0, 9, 15], prefix: 24, port: 11211, share_pct: 25, max_value: 4096 },
+            mcd: McdParams { ip: [10, 0, 9, 15], prefix: 24, port: 11211, share_pct: 25, max_value: 4096, fill_pct: 0 },
             stale_pct: 0,
             ops_limit: 0,
         }
@@ -386,6 +389,10 @@ impl WorkloadSpec {
                     Some(v @ 16..=4096) => spec.mcd.max_value = v as u32,
                     _ => return Err(bad("a largest value size from 16 to 4096 bytes")),
                 },
+                (Workload::Mcd, "fill") => match parse_u64(value.trim_end_matches('%')) {
+                    Some(p @ 0..=90) => spec.mcd.fill_pct = p as u32,
+                    _ => return Err(bad("a percentage of the store's slots from 0 to 90")),
+                },
                 (Workload::Disk, "block") => match parse_size(value) {
                     Some(b @ 512..=1048576) if b % 512 == 0 => spec.disk.block = b as u32,
                     _ => return Err(bad("a multiple of 512 from 512 to 1M")),
@@ -406,6 +413,8 @@ mod tests {
         let s = WorkloadSpec::parse("mcd,ip=192.168.7.2/16,port=9000,share=10").unwrap();
         assert_eq!((s.mcd.ip, s.mcd.prefix, s.mcd.port, s.mcd.share_pct), ([192, 168, 7, 2], 16, 9000, 10));
         assert_eq!(WorkloadSpec::parse("mcd,ip=10.0.0.1").unwrap().mcd.prefix, 24);
+        assert_eq!(WorkloadSpec::parse("mcd,fill=60%").unwrap().mcd.fill_pct, 60);
+        assert!(WorkloadSpec::parse("mcd,fill=95").is_err());
         for bad in ["mcd,ip=10.0.0", "mcd,ip=10.0.0.256", "mcd,ip=10.0.0.1/31", "mcd,ip=10.0.0.1.2", "mcd,port=0"] {
             assert!(WorkloadSpec::parse(bad).is_err(), "{bad}");
         }

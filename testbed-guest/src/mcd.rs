@@ -8,7 +8,7 @@ use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 use testbed_abi::{BootInfo, WorkloadSpec, PAGE_SIZE};
-use testbed_workloads::mcd::{Conn, Counters, Store};
+use testbed_workloads::mcd::{Conn, Counters, SetMode, Store};
 
 use crate::hw::{self, rdtsc};
 use crate::net::Nic;
@@ -89,15 +89,16 @@ pub fn run(bi: &BootInfo, spec: &WorkloadSpec, clock: &Clock, mut enl: Option<en
     };
 
     let m = spec.mcd;
+    let filled = fill(&mut store, m.fill_pct, spec.seed);
     let mut iface = Interface::new(Config::new(HardwareAddress::Ethernet(EthernetAddress(nic.mac))), &mut nic, now());
     iface.update_ip_addrs(|a| {
         let _ = a.push(IpCidr::new(IpAddress::v4(m.ip[0], m.ip[1], m.ip[2], m.ip[3]), m.prefix));
     });
     println!(
-        "testbed: mcd: {}.{}.{}.{}/{} port {} mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}, store {} MiB for {} items of up to {} bytes",
+        "testbed: mcd: {}.{}.{}.{}/{} port {} mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}, store {} MiB for {} items of up to {} bytes, {} preloaded",
         m.ip[0], m.ip[1], m.ip[2], m.ip[3], m.prefix, m.port,
         nic.mac[0], nic.mac[1], nic.mac[2], nic.mac[3], nic.mac[4], nic.mac[5],
-        bytes >> 20, store.capacity(), store.max_value()
+        bytes >> 20, store.capacity(), store.max_value(), filled
     );
     crate::start_run_phase();
     println!("testbed: run phase started");
@@ -164,4 +165,49 @@ pub fn run(bi: &BootInfo, spec: &WorkloadSpec, clock: &Clock, mut enl: Option<en
         }
     }
     crate::finish_single(testbed_workloads::Batch { ops, errors: counters.corrupt, checksum: 0 }, clock)
+}
+
+/// Preloads `pct` percent of the store's slots with `fill:N` keys and
+/// values of the largest size (pseudo-random bytes from `seed`): a warm
+/// cache, whose data a migration has to move. Returns the items stored.
+fn fill(store: &mut Store, pct: u32, seed: u64) -> usize {
+    let n = store.capacity() / 100 * pct as usize;
+    let mut value = [0u8; 4096];
+    let value = &mut value[..store.max_value()];
+    let mut x = seed | 1;
+    let mut key = [0u8; 24];
+    let mut stored = 0;
+    for i in 0..n {
+        for chunk in value.chunks_mut(8) {
+            // xorshift64: incompressible, never a zero page.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+        }
+        let k = key_name(&mut key, i);
+        if store.set(k, value, 0, SetMode::Set) {
+            stored += 1;
+        }
+    }
+    stored
+}
+
+/// `fill:<i in hex>` in `buf`.
+fn key_name(buf: &mut [u8; 24], mut i: usize) -> &[u8] {
+    buf[..5].copy_from_slice(b"fill:");
+    let mut digits = [0u8; 16];
+    let mut d = 0;
+    loop {
+        digits[d] = b"0123456789abcdef"[i & 15];
+        d += 1;
+        i >>= 4;
+        if i == 0 {
+            break;
+        }
+    }
+    for j in 0..d {
+        buf[5 + j] = digits[d - 1 - j];
+    }
+    &buf[..5 + d]
 }

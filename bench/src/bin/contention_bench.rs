@@ -1,12 +1,13 @@
 //! The contention experiment (issue 12): two memcached VMs on one host,
 //! memslap clients, one VM migrated in each mode at each link rate.
 //!
-//!   contention-bench [--modes a,b,..] [--rates 1000,10000] [--mem 1G] [--host-cpus 0.25] [--out DIR]
+//!   contention-bench [--modes a,b,..] [--rates 1000,10000] [--mem 1G] [--host-cpus 0.25]
+//!                    [--store 80] [--fill 80] [--reps 3] [--out DIR]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use bench::contention::{plot, run, Scenario};
+use bench::contention::{median, plot, run, Scenario};
 use bench::migration::sibling_vmm;
 
 fn main() -> ExitCode {
@@ -15,6 +16,7 @@ fn main() -> ExitCode {
     let mut rates = vec![1000u64, 10000];
     let mut mem = "1G".to_string();
     let mut host_cpus = 0.25;
+    let (mut store_pct, mut fill_pct, mut reps) = (80u32, 80u32, 3usize);
     let mut out = PathBuf::from("target/contention-bench");
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -25,18 +27,24 @@ fn main() -> ExitCode {
             "--rates" => rates = val().split(',').filter_map(|s| s.parse().ok()).collect(),
             "--mem" => mem = val(),
             "--host-cpus" => host_cpus = val().parse().unwrap_or(0.25),
+            "--store" => store_pct = val().parse().unwrap_or(80),
+            "--fill" => fill_pct = val().parse().unwrap_or(80),
+            "--reps" => reps = val().parse::<usize>().unwrap_or(3).max(1),
             "--out" => out = PathBuf::from(val()),
             "-h" | "--help" => {
                 println!(
                     "contention-bench [--modes stop-and-copy,precopy,postcopy,enlightened] [--rates 1000,10000] [--mem 1G]\n\
-                     \x20                [--host-cpus 0.25] [--out target/contention-bench]\n\
+                     \x20                [--host-cpus 0.25] [--store 80] [--fill 80] [--reps 3] [--out target/contention-bench]\n\
                      Two `mcd` testbed VMs (memcached servers) share the source host's CPU budget (a cgroup per host\n\
                      namespace); memslap (Debian's memcaslap, set:get 1:9) loads both from a client namespace over a\n\
                      bridged user network; one VM migrates in each mode. Prints a table from memslap's own per-second\n\
                      output and, at 100 ms, from a packet tap on the client's interface that pairs each request\n\
                      with its answer (throughput, p90/p99 latency; `tap` columns: end of the first 500 ms window\n\
-                     back at 90% of the uncontended rate). Writes <mode>-<rate>.json and .svg (plotters) and\n\
-                     contention.json. The destination prepares huge pages while it waits (`vmm receive --prealloc`)."
+                     back at 90% of the uncontended rate). Writes <mode>-<rate>-<run>.json, <mode>-<rate>.svg (plotters) and\n\
+                     contention.json. The destination prepares huge pages while it waits (`vmm receive --prealloc`).\n\
+                     Each VM's store takes --store percent of its RAM and --fill percent of the store is preloaded\n\
+                     before the run (a warm cache, like the thesis' VMs); each mode runs --reps times and the table\n\
+                     shows medians (every run in contention.json, the first one's plot)."
                 );
                 return ExitCode::SUCCESS;
             }
@@ -47,44 +55,60 @@ fn main() -> ExitCode {
         }
     }
     let vmm = sibling_vmm();
-    let mut rows = Vec::new();
+    let (mut rows, mut all, mut failures) = (Vec::new(), Vec::new(), Vec::new());
     let mut port = 7600;
     for &rate in &rates {
         for mode in &modes {
-            port += 1;
-            let sc = Scenario {
-                mode: mode.clone(),
-                rate_bps: rate * 1_000_000,
-                mem: mem.clone(),
-                host_cpus,
-                concurrency: 16,
-                value: 1024,
-                alone_s: 4,
-                contended_s: 5,
-                after_s: 10,
-            };
-            eprintln!("contention-bench: {mode} at {rate} Mbit/s ...");
-            match run(&vmm, &sc, port, &out) {
-                Ok(r) => {
-                    let title = format!("{mode}, {rate} Mbit/s: memslap throughput of both VMs");
-                    match plot(&r, &title) {
-                        Ok(svg) => {
-                            let _ = std::fs::write(out.join(format!("{mode}-{rate}.svg")), svg);
+            let mut runs = Vec::new();
+            for rep in 0..reps {
+                port += 1;
+                let sc = Scenario {
+                    mode: mode.clone(),
+                    rate_bps: rate * 1_000_000,
+                    mem: mem.clone(),
+                    host_cpus,
+                    concurrency: 16,
+                    value: 1024,
+                    store_pct,
+                    fill_pct,
+                    alone_s: 4,
+                    contended_s: 5,
+                    after_s: 10,
+                };
+                eprintln!("contention-bench: {mode} at {rate} Mbit/s, run {}/{reps} ...", rep + 1);
+                match run(&vmm, &sc, port, &out) {
+                    Ok(r) => {
+                        if rep == 0 {
+                            let title = format!("{mode}, {rate} Mbit/s: memslap throughput of both VMs");
+                            match plot(&r, &title) {
+                                Ok(svg) => {
+                                    let _ = std::fs::write(out.join(format!("{mode}-{rate}.svg")), svg);
+                                }
+                                Err(e) => eprintln!("  plot: {e}"),
+                            }
                         }
-                        Err(e) => eprintln!("  plot: {e}"),
+                        let _ = std::fs::write(out.join(format!("{mode}-{rate}-{}.json", rep + 1)), r.to_string());
+                        eprintln!("  {}", r["summary"]);
+                        runs.push(r["summary"].clone());
                     }
-                    let _ = std::fs::write(out.join(format!("{mode}-{rate}.json")), r.to_string());
-                    eprintln!("  {}", r["summary"]);
-                    rows.push(r["summary"].clone());
+                    Err(e) => {
+                        eprintln!("  failed: {e}");
+                        failures.push(serde_json::json!({"mode": mode, "rate_gbps": rate as f64 / 1000.0, "error": e}));
+                    }
                 }
-                Err(e) => {
-                    eprintln!("  failed: {e}");
-                    rows.push(serde_json::json!({"mode": mode, "rate_gbps": rate as f64 / 1000.0, "error": e}));
-                }
+            }
+            if !runs.is_empty() {
+                let mut m = median(&runs);
+                m["runs"] = serde_json::json!(runs.len());
+                rows.push(m);
+                all.push(serde_json::json!({"mode": mode, "rate_gbps": rate as f64 / 1000.0, "runs": runs}));
             }
         }
     }
-    let _ = std::fs::write(out.join("contention.json"), serde_json::Value::Array(rows.clone()).to_string());
+    rows.extend(failures.iter().cloned());
+    let doc = serde_json::json!({"medians": rows, "every_run": all, "failures": failures});
+    let _ = std::fs::write(out.join("contention.json"), doc.to_string());
+    println!("medians of {reps} run(s) per row; store {store_pct}% of RAM, {fill_pct}% of it preloaded");
     let f = |v: &serde_json::Value| v.as_f64().map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into());
     println!(
         "{:<14} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>10} {:>12} {:>12} {:>9}",
