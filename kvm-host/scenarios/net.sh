@@ -42,7 +42,7 @@ expect "the bridge has learnt the guest's MAC on tap0 (${port_before:-none})" ev
 
 # memslap through the migration; a small key window (-w 1k: 4k keys of
 # 256 bytes) keeps memcached's LRU from evicting the load's own keys.
-# One connection (-c 1, one request in flight: a few hundred a second under
+# One connection (-c 1, one request in flight: ~700 a second under
 # TCG; memslap's --tps takes thousands only): with 4 (~1000/s, two
 # interrupts each) the L2 guest triple-faulted within seconds about one run
 # in two *before any migration* (seen with stop-and-copy, at the source),
