@@ -5,6 +5,8 @@
 # (exit 0: no fatal query error, no lost connection), report transactions in
 # every second after the switch-over, and the rows must all be there at the
 # destination. Cassandra is not packaged in Debian (kvm-host/README.md).
+# sysbench has no timeout of its own: a guest that dies leaves it waiting,
+# so each run is bounded (timeout 124 = the guest stopped answering).
 # timeout: 900
 source /payload/kvm-host/lib.sh "$@"
 source /payload/kvm-host/migrate-common.sh
@@ -23,7 +25,7 @@ wait_tick src 3 300 || fail "the guest's memcached load did not reach tick 3 (la
 
 SB=(--db-driver=mysql --mysql-host="$GUEST_IP" --mysql-user=sbtest --mysql-password=sbtest --tables=2 --table-size=2000)
 t=$(now)
-sysbench oltp_read_write "${SB[@]}" --threads=2 --time=20 --report-interval=1 run >"$OUT/sysbench-alone.out" 2>&1 ||
+timeout 120 sysbench oltp_read_write "${SB[@]}" --threads=2 --time=20 --report-interval=1 run >"$OUT/sysbench-alone.out" 2>&1 ||
   fail "sysbench against the guest failed before any migration: $(tail -n 3 "$OUT/sysbench-alone.out" | tr '\n' ' ')"
 put sysbench_alone_s "$(since "$t")"
 tps_alone=$(awk '/transactions:/ { gsub(/[()]/, "", $3); print $3 }' "$OUT/sysbench-alone.out")
@@ -32,7 +34,7 @@ expect "sysbench OLTP from L1 over virtio-net runs against the guest's MariaDB (
 
 # OLTP through the migration.
 {
-  sysbench oltp_read_write "${SB[@]}" --threads=2 --time=60 --report-interval=1 run 2>&1
+  timeout 180 sysbench oltp_read_write "${SB[@]}" --threads=2 --time=60 --report-interval=1 run 2>&1
   echo "SYSBENCH-EXIT $?"
 } | while IFS= read -r l; do printf '%s %s\n' "$(date +%s.%N)" "$l"; done >"$OUT/sysbench.out" &
 sb_pid=$!
@@ -59,7 +61,7 @@ expect "sysbench lost no connection ($sb_summary)" grep -aq "reconnects: *0 " "$
 expect "sysbench committed transactions in every second after the switch-over ($sb_after periods)" \
   eval '[ "${sb_after%/*}" = "${sb_after#*/}" ] && [ "${sb_after#*/}" -gt 0 ]'
 sb_rc=0
-sysbench oltp_read_write "${SB[@]}" --threads=1 --time=3 run >"$OUT/sysbench-after.out" 2>&1 || sb_rc=$?
+timeout 60 sysbench oltp_read_write "${SB[@]}" --threads=1 --time=3 run >"$OUT/sysbench-after.out" 2>&1 || sb_rc=$?
 expect "a new sysbench connection works at the destination (exit $sb_rc)" eval '[ "$sb_rc" = 0 ]'
 stop_vm dst
 puts dest_exit "$VM_RC"
