@@ -269,10 +269,7 @@ pub fn median(runs: &[Value]) -> Value {
                 if xs.len() != runs.len() {
                     return first.clone();
                 }
-                xs.sort_by(f64::total_cmp);
-                let n = xs.len();
-                let m = if n % 2 == 1 { xs[n / 2] } else { (xs[n / 2 - 1] + xs[n / 2]) / 2.0 };
-                json!(m)
+                json!(crate::median(&mut xs))
             }
             other => other.clone(),
         }

@@ -74,11 +74,6 @@ fn map(bytes: usize, thp: bool) -> &'static mut [u64] {
     }
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 /// One `vmm run --testbed kv,...`; returns (ops/s, errors).
 fn vm_run(a: &Args, spec_str: &str) -> (f64, u64) {
     let out = Command::new(&a.vmm)
@@ -192,7 +187,7 @@ fn main() {
         vm.push(ops);
         vm_errors += errors;
     }
-    let (plain, thp, vm_ops) = (median(&mut plain), median(&mut thp), median(&mut vm));
+    let (plain, thp, vm_ops) = (bench::median(&mut plain), bench::median(&mut thp), bench::median(&mut vm));
     eprintln!("medians: host plain {plain:.0}, host THP {thp:.0}, VM {vm_ops:.0} ops/s");
     let r = |x: f64| (x * 1000.0).round() / 1000.0;
     let (ratio_plain, ratio_thp) = (vm_ops / plain, vm_ops / thp);

@@ -6,3 +6,15 @@ pub mod host_memory;
 pub mod memslap;
 pub mod migration;
 pub mod qemu;
+
+/// The median of `v` (sorted in place; the mean of the middle two for an
+/// even count). `v` must not be empty.
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
