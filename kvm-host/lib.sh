@@ -259,11 +259,17 @@ wait_serial() {
 
 # status NAME: the last MC-STATUS line of NAME's serial log (empty if none).
 # Only complete lines count: the guest may be half-way through printing one.
+# The log is copied first and only the copy is read: the guest may add to the
+# log between a look at its last byte and the read (a half line was once taken
+# for the last status, with every field empty).
 status() {
-  local f=$OUT/$1.serial
+  local f=$OUT/$1.serial snap
   [ -f "$f" ] || return 0
-  if [ "$(tail -c1 "$f" | od -An -tx1 | tr -d ' ')" = 0a ]; then cat "$f"; else sed '$d' "$f"; fi |
+  snap=$(mktemp) || return 0
+  cp "$f" "$snap"
+  if [ "$(tail -c1 "$snap" | od -An -tx1 | tr -d ' ')" = 0a ]; then cat "$snap"; else sed '$d' "$snap"; fi |
     grep -a '^MC-STATUS ' | tail -n1 | tr -d '\r'
+  rm -f "$snap"
 }
 # field LINE KEY
 field() { sed -n "s/.* $2=\\([^ ]*\\).*/\\1/p" <<<" $1"; }
