@@ -359,8 +359,7 @@ impl Dest {
         fw.send(Kind::Info, stats.to_string().as_bytes()).map_err(|e| format!("sending statistics: {e}"))?;
         fw.flush().map_err(|e| e.to_string())?;
         // Last, at the lowest priority: huge pages back.
-        // SAFETY: setpriority on the calling thread (its tid); no memory is involved.
-        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
+        set_thread_nice(19);
         self.collapse_huge_pages();
         Ok(())
     }
@@ -615,5 +614,16 @@ impl pager::PageSource for DemandRequests<'_> {
 
     fn done(&self) -> bool {
         self.dest.done.load(Ordering::Acquire)
+    }
+}
+
+/// Sets the calling thread's nice value (Linux: per thread), so that
+/// background work (collapsing huge pages) yields to the guest's vCPUs.
+pub(crate) fn set_thread_nice(nice: i32) {
+    // SAFETY: gettid has no preconditions; setpriority on the calling thread
+    // (its tid) touches no memory of ours.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    if r != 0 {
+        log::debug!("setpriority({nice}): {}", std::io::Error::last_os_error());
     }
 }

@@ -35,5 +35,6 @@ pub mod snapshot;
 pub mod stream;
 pub mod testbed;
 pub mod vcpu;
+pub mod vcpu_cgroup;
 pub mod vm;
 pub mod vstate;

@@ -29,6 +29,12 @@ const EXIT_BAD_INPUT: u8 = 2;
         vmm snapshot --api-sock /tmp/vmm.sock -o vm.snap && vmm restore --snapshot vm.snap"
 )]
 struct Cli {
+    /// Every vCPU thread joins this cgroup when it starts (cgroup v1: a cpu controller group;
+    /// v2: a threaded group); the VMM's own threads (devices, API, migration) stay where the
+    /// process runs. Like libvirt's vcpu/emulator split: VMs on one host share a CPU quota
+    /// for their guests while a migration's sending threads do not take from it.
+    #[arg(long, global = true, value_name = "DIR")]
+    vcpu_cgroup: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -519,6 +525,12 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
     let cli = Cli::parse();
+    if let Some(dir) = cli.vcpu_cgroup {
+        if let Err(e) = vmm::vcpu_cgroup::set(dir) {
+            eprintln!("vmm: --vcpu-cgroup: {e}");
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    }
     match cli.command {
         Command::Run(args) => run(args),
         Command::Restore { snapshot, serial, api_sock, session, disk_map, nets } => {

@@ -124,6 +124,7 @@ fn note_stopped(ctx: &VcpuContext) {
 }
 
 fn run_loop(mut ctx: VcpuContext) {
+    crate::vcpu_cgroup::join(ctx.index);
     let mut stopped = true;
     loop {
         let control = ctx.control.clone();

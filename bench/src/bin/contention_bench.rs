@@ -111,7 +111,7 @@ fn main() -> ExitCode {
     println!("medians of {reps} run(s) per row; store {store_pct}% of RAM, {fill_pct}% of it preloaded");
     let f = |v: &serde_json::Value| v.as_f64().map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into());
     println!(
-        "{:<14} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>10} {:>12} {:>12} {:>9}",
+        "{:<14} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>10} {:>12} {:>12} {:>9}",
         "mode",
         "Gbit/s",
         "exec ms",
@@ -119,6 +119,7 @@ fn main() -> ExitCode {
         "total ms",
         "uncont/s",
         "cont/s",
+        "dest/s",
         "mig 90% ms",
         "cont 90% ms",
         "max lat ms",
@@ -134,7 +135,7 @@ fn main() -> ExitCode {
             continue;
         }
         println!(
-            "{:<14} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>10.1} {:>12} {:>12} {:>9.1}",
+            "{:<14} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>10.1} {:>12} {:>12} {:>9.1}",
             r["mode"].as_str().unwrap_or("?"),
             r["rate_gbps"],
             f(&r["execution_transfer_ms"]),
@@ -142,12 +143,33 @@ fn main() -> ExitCode {
             f(&r["total_duration_ms"]),
             f(&r["uncontended_ops_per_sec"]),
             f(&r["contended_ops_per_sec"]["contending"]),
+            f(&r["migrated_settled_ops_per_sec"]),
             f(&r["migrated_back_to_90pct_ms"]),
             f(&r["contending_back_to_90pct_ms"]),
             r["migrated_max_latency_during_ms"].as_f64().unwrap_or(0.0),
             f(&r["tap_100ms"]["migrated_back_to_90pct_ms"]),
             f(&r["tap_100ms"]["contending_back_to_90pct_ms"]),
             r["tap_100ms"]["migrated_p99_during_ms"].as_f64().unwrap_or(0.0),
+        );
+    }
+    println!(
+        "uncont/s: the contending VM alone before the other started; dest/s: the migrated VM's last 3 s alone\n\
+         at the destination (its own uncontended rate, the reference of the `mig 90%` columns)"
+    );
+    for r in rows.iter().filter(|r| r["mode"] == "enlightened" && r.get("error").is_none()) {
+        let n = |v: &serde_json::Value| v.as_f64();
+        let (exec, total) = (n(&r["execution_transfer_ms"]).unwrap_or(0.0), n(&r["total_duration_ms"]).unwrap_or(0.0));
+        let bound = 1.2 * exec + 1000.0;
+        let verdict = |v: Option<f64>, limit: f64| match v {
+            Some(x) if x <= limit => format!("{x:.0} ms <= {limit:.0} ms: met"),
+            Some(x) => format!("{x:.0} ms > {limit:.0} ms: NOT met"),
+            None => "never: NOT met".into(),
+        };
+        println!(
+            "enlightened at {} Gbit/s (tap): contending back within 1.2 x exec + 1 s: {}; migrated back within the total duration: {}",
+            r["rate_gbps"],
+            verdict(n(&r["tap_100ms"]["contending_back_to_90pct_ms"]), bound),
+            verdict(n(&r["tap_100ms"]["migrated_back_to_90pct_ms"]), total)
         );
     }
     if ok {
