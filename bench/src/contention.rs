@@ -74,15 +74,17 @@ fn back_to_90(periods: &[Period], epoch: u64, base: f64) -> Option<i64> {
     periods.iter().find(|p| p.at_ms > epoch && p.tps >= 0.9 * base).map(|p| p.at_ms as i64 - epoch as i64)
 }
 
-/// Milliseconds from the migration start to the end of the first 500 ms
-/// (five 100 ms buckets, sliding by one) whose mean throughput is at least
-/// 90% of `base`.
+/// Milliseconds from the migration start to the first 100 ms bucket from
+/// which the mean throughput of the next 500 ms (five buckets) is at least
+/// 90% of `base`: the moment the VM is back, smoothed over half a second.
+/// (Until 2026-12-07 this was the *end* of that window, 500 ms later: the
+/// time at which the recovery was known rather than when it happened.)
 fn back_to_90_sustained(bs: &[Bucket], base: f64) -> Option<i64> {
     let from = bs.iter().position(|b| b.t_ms >= 0)?;
     bs[from..]
         .windows(5)
         .find(|w| w.iter().map(|b| b.ops_per_sec).sum::<f64>() / 5.0 >= 0.9 * base)
-        .map(|w| w[4].t_ms + 100)
+        .map(|w| w[0].t_ms.max(0))
 }
 
 /// Runs one scenario; returns the JSON result (`summary` + timelines).
@@ -149,6 +151,7 @@ pub fn run(vmm: &Path, sc: &Scenario, port: u16, workdir: &Path) -> Result<Value
     std::thread::sleep(Duration::from_millis(500));
     // B alone first; then again from when A runs (A's boot and preload take a while and
     // must not eat into B's contended and after-migration phases).
+    let alone_ms = unix_ms();
     let (ok_alone, alone_b) = memslap::Run::start(&client, &format!("{IP_B}:11211"), &cfg, sc.concurrency, sc.alone_s)
         .map_err(|e| e.to_string())?
         .wait();
@@ -180,6 +183,16 @@ pub fn run(vmm: &Path, sc: &Scenario, port: u16, workdir: &Path) -> Result<Value
     let (ok_a, parsed_a) = mslap_a.wait();
     let (ok_b, mut parsed_b) = mslap_b.wait();
     let ok_b = ok_b && ok_alone;
+    // B's rate alone: every period of its alone run but the first (a warm-up), or that
+    // one if it is all there is (a short run's last period may not be printed).
+    let alone_periods = &alone_b.periods[alone_b.periods.len().min(1)..];
+    let alone_periods = if alone_periods.is_empty() { &alone_b.periods[..] } else { alone_periods };
+    let uncontended = if alone_periods.is_empty() {
+        0.0
+    } else {
+        alone_periods.iter().map(|p| p.tps).sum::<f64>() / alone_periods.len() as f64
+    };
+    eprintln!("  contending VM alone: {} memslap period(s), {uncontended:.0} ops/s", alone_b.periods.len());
     parsed_b.connection_errors += alone_b.connection_errors;
     parsed_b.periods.splice(0..0, alone_b.periods);
     let (pa, pb) = (&parsed_a.periods[..], &parsed_b.periods[..]);
@@ -197,8 +210,7 @@ pub fn run(vmm: &Path, sc: &Scenario, port: u16, workdir: &Path) -> Result<Value
             v.iter().sum::<f64>() / v.len() as f64
         }
     };
-    // Uncontended: B alone (its first period is a warm-up); contended: both.
-    let uncontended = avg(pb, contention_ms.saturating_sub(sc.alone_s * 1000 - 1000), contention_ms);
+    // Contended: both VMs, in the seconds before the migration.
     let contended_b = avg(pb, epoch.saturating_sub(sc.contended_s * 1000 - 1000), epoch);
     let contended_a = avg(pa, epoch.saturating_sub(sc.contended_s * 1000 - 1000), epoch);
     let total_ms = report["total_duration_ms"].as_f64().unwrap_or(0.0);
@@ -227,7 +239,8 @@ pub fn run(vmm: &Path, sc: &Scenario, port: u16, workdir: &Path) -> Result<Value
         }
     };
     let rel = |unix: u64| unix as i64 - epoch as i64;
-    let uncontended_tap = mean(&tb, rel(contention_ms) - (sc.alone_s as i64 - 1) * 1000, rel(contention_ms));
+    // B alone, without its first second (connections and warm-up).
+    let uncontended_tap = mean(&tb, rel(alone_ms) + 1000, rel(contention_ms));
     let migrated_ref_tap = if has_settled { mean(&ta, rel(settled), rel(last_a)) } else { uncontended_tap };
     let during = (epoch, epoch + total_ms as u64 + 1000);
     let tap = json!({

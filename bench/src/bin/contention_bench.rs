@@ -39,7 +39,7 @@ fn main() -> ExitCode {
                      namespace); memslap (Debian's memcaslap, set:get 1:9) loads both from a client namespace over a\n\
                      bridged user network; one VM migrates in each mode. Prints a table from memslap's own per-second\n\
                      output and, at 100 ms, from a packet tap on the client's interface that pairs each request\n\
-                     with its answer (throughput, p90/p99 latency; `tap` columns: end of the first 500 ms window\n\
+                     with its answer (throughput, p90/p99 latency; `tap` columns: start of the first 500 ms window\n\
                      back at 90% of the uncontended rate). Writes <mode>-<rate>-<run>.json, <mode>-<rate>.svg (plotters) and\n\
                      contention.json. The destination prepares huge pages while it waits (`vmm receive --prealloc`).\n\
                      Each VM's store takes --store percent of its RAM and --fill percent of the store is preloaded\n\
