@@ -97,7 +97,8 @@ fn a_different_shared_key_is_refused_by_both_ends() {
 fn the_shared_key_identity_is_deterministic() {
     // Two processes with the same key must derive the same certificate: two
     // configurations from one key accept each other (above) and from copies.
-    let a = Config::shared_key(&KEY.to_vec()).unwrap();
+    let copy: Vec<u8> = KEY.iter().copied().collect();
+    let a = Config::shared_key(&copy).unwrap();
     let b = Config::shared_key(KEY).unwrap();
     let (s, c) = pair(a, b);
     assert!(s.is_ok() && c.is_ok());
