@@ -97,7 +97,7 @@ fn a_different_shared_key_is_refused_by_both_ends() {
 fn the_shared_key_identity_is_deterministic() {
     // Two processes with the same key must derive the same certificate: two
     // configurations from one key accept each other (above) and from copies.
-    let copy: Vec<u8> = KEY.iter().copied().collect();
+    let copy: Vec<u8> = KEY.to_vec();
     let a = Config::shared_key(&copy).unwrap();
     let b = Config::shared_key(KEY).unwrap();
     let (s, c) = pair(a, b);
