@@ -160,7 +160,8 @@ boot_vm() {
 # start_receive NAME PORT: vmm receive on 127.0.0.1:PORT (serial OUT/NAME.serial, API WORK/NAME.sock).
 start_receive() {
   local name=$1 port=$2
-  [ -f "$WORK/key" ] || head -c 32 /dev/urandom >"$WORK/key"
+  [ -f "$WORK/key" ] || (umask 077; head -c 32 /dev/urandom >"$WORK/key")
+  chmod 600 "$WORK/key"
   log "vmm receive $name on 127.0.0.1:$port"
   "$VMM" receive --listen "127.0.0.1:$port" --key-file "$WORK/key" "${VMM_RECV_ARGS[@]}" --serial "$OUT/$name.serial" \
     --api-sock "$WORK/$name.sock" >"$OUT/$name.stdout" 2>"$OUT/$name.stderr" &

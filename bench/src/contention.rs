@@ -112,7 +112,7 @@ pub fn run(vmm: &Path, sc: &Scenario, port: u16, workdir: &Path) -> Result<Value
     };
     let (src_vcpus, dst_vcpus) = (seen_from_netns(&src_cg), seen_from_netns(&dst_cg));
     let key = workdir.join("key");
-    std::fs::write(&key, b"bench-contention-key-0123456789abcdef").map_err(|e| e.to_string())?;
+    crate::write_key(&key, b"bench-contention-key-0123456789abcdef").map_err(|e| e.to_string())?;
     let cfg = workdir.join("memslap.cfg");
     std::fs::write(&cfg, memslap::config(sc.value)).map_err(|e| e.to_string())?;
     let sock = |n: &str| workdir.join(format!("{n}-{port}.sock"));

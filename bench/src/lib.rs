@@ -18,3 +18,11 @@ pub fn median(v: &mut [f64]) -> f64 {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
+
+/// Writes a migration key file as `vmm keygen` would (mode 0600), replacing one.
+pub fn write_key(path: &std::path::Path, secret: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?.write_all(secret)
+}

@@ -81,7 +81,7 @@ pub fn run(vmm: &Path, sc: &Scenario, port: u16, workdir: &Path) -> Result<Value
     let pair = NetnsPair::create(Some(sc.rate_bps)).map_err(|e| format!("network namespaces: {e}"))?;
     std::fs::create_dir_all(workdir).map_err(|e| e.to_string())?;
     let key = workdir.join("key");
-    std::fs::write(&key, b"bench-migration-key-0123456789abcdef").map_err(|e| e.to_string())?;
+    crate::write_key(&key, b"bench-migration-key-0123456789abcdef").map_err(|e| e.to_string())?;
     let src_sock = workdir.join(format!("src-{port}.sock"));
     let dst_sock = workdir.join(format!("dst-{port}.sock"));
     let _ = std::fs::remove_file(&src_sock);

@@ -6,9 +6,9 @@
 //! unregisters and acknowledges with the digest of everything installed.
 //! Pages go in as whole 2 MiB huge pages where they can ([`crate::blocks`]).
 
+use crate::transport::Conn;
 use std::collections::HashMap;
 use std::io::Read;
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -58,12 +58,12 @@ pub struct Dest {
     /// The migration's token (the source presents it to reconnect).
     pub token: Mutex<String>,
     /// A new demand connection for the fault thread (after a reconnection).
-    demand_slot: Mutex<Option<TcpStream>>,
+    demand_slot: Mutex<Option<Conn>>,
     /// A new main connection for the main reader (after a reconnection).
     main_slot: (Mutex<Option<MainConn>>, std::sync::Condvar),
     /// Sockets of the current connections (shut down when replaced, so
     /// threads blocked on them wake up).
-    sockets: Mutex<Vec<TcpStream>>,
+    sockets: Mutex<Vec<Conn>>,
     pub reconnections: AtomicU64,
     /// Ends the sampling.
     pub sampling_done: Arc<AtomicBool>,
@@ -263,7 +263,7 @@ impl Dest {
     /// (the pager's fault loop with a [`DemandRequests`] source). If the
     /// connection breaks, faulting vCPUs wait (the others run on) and the
     /// requests still pending go out again on the next connection.
-    pub fn fault_loop(&self, conn: TcpStream) {
+    pub fn fault_loop(&self, conn: Conn) {
         let mut source = DemandRequests {
             dest: self,
             fw: Some(FrameWriter::new(std::io::BufWriter::new(conn))),
@@ -276,7 +276,7 @@ impl Dest {
     }
 
     /// Installs demand answers until the connection closes.
-    pub fn demand_reader(&self, conn: TcpStream) {
+    pub fn demand_reader(&self, conn: Conn) {
         let mut fr = FrameReader::new(std::io::BufReader::new(conn));
         loop {
             match fr.recv() {
@@ -384,7 +384,7 @@ impl Dest {
     }
 
     /// Records the sockets of the current connections.
-    pub fn set_sockets(&self, socks: Vec<TcpStream>) {
+    pub fn set_sockets(&self, socks: Vec<Conn>) {
         let old = std::mem::replace(&mut *self.sockets.lock().unwrap_or_else(|e| e.into_inner()), socks);
         for s in old {
             let _ = s.shutdown(std::net::Shutdown::Both);
@@ -412,8 +412,8 @@ impl Dest {
     pub fn reattach(
         self: &Arc<Self>,
         mut fr: FrameReader<Box<dyn Read + Send>>,
-        main: TcpStream,
-        demand: TcpStream,
+        main: Conn,
+        demand: Conn,
     ) -> Result<()> {
         let missing = self.missing_ranges();
         let n: u64 = missing.iter().map(|r| r.1).sum();
@@ -548,7 +548,7 @@ impl Dest {
 /// answers.
 struct DemandRequests<'a> {
     dest: &'a Dest,
-    fw: Option<FrameWriter<std::io::BufWriter<TcpStream>>>,
+    fw: Option<FrameWriter<std::io::BufWriter<Conn>>>,
     req: Vec<u8>,
 }
 

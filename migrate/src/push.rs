@@ -3,8 +3,8 @@
 //! on the demand connection (see [`crate::dest`] for the other end; the
 //! rounds come from [`crate::policy`], the driver is [`crate::source`]).
 
+use crate::transport::Conn;
 use std::io::Write;
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -86,7 +86,7 @@ impl Source {
     }
 
     /// Answers demand requests on `conn` until it closes. Runs on its own thread.
-    pub fn serve_demand(&self, conn: TcpStream, progress: Arc<AtomicU64>) -> Result<()> {
+    pub fn serve_demand(&self, conn: Conn, progress: Arc<AtomicU64>) -> Result<()> {
         let mut fr = FrameReader::new(std::io::BufReader::new(conn.try_clone().map_err(|e| e.to_string())?));
         let conn = SharedCounting::new(conn, progress);
         let mut fw = FrameWriter::new(std::io::BufWriter::with_capacity(MAX_REQUEST * wire::PAGE_RECORD + 64, conn));

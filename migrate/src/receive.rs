@@ -16,7 +16,7 @@
 //! reason.
 
 use std::io::{BufReader, Read};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,15 +26,16 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::dest::Dest;
 use crate::error::{Error, Result};
 use crate::space::{decode_ranges, page_digest, zero_digest, Digests, GuestMem, PageSpace, PAGE_SIZE};
+use crate::transport::{Conn, Credentials};
 use crate::vm::IncomingVm;
-use crate::wire::{self, control, Channel, FrameReader, FrameWriter, Key, Kind};
+use crate::wire::{self, control, Channel, FrameReader, FrameWriter, Kind};
 
 /// Most VM state accepted (sum of the `State` frames).
 pub const MAX_STATE: usize = 256 << 20;
 
 /// An authenticated incoming migration, read up to the switch-over.
 pub struct Incoming {
-    pub stream: TcpStream,
+    pub stream: Conn,
     pub peer: SocketAddr,
     /// The `Config` frame's payload, as the VMM accepted it.
     pub config: Vec<u8>,
@@ -73,9 +74,9 @@ impl Incoming {
 
 /// Waits for a connection that authenticates and delivers a valid stream up
 /// to the switch-over. Strangers and broken streams are logged and refused.
-pub fn accept(listener: &TcpListener, key: &Key, vm: &dyn IncomingVm) -> Incoming {
+pub fn accept(listener: &TcpListener, creds: &Credentials, vm: &dyn IncomingVm) -> Incoming {
     loop {
-        let (mut stream, peer) = match listener.accept() {
+        let (tcp, peer) = match listener.accept() {
             Ok(c) => c,
             Err(e) => {
                 log::warn!("receive: accept failed: {e}");
@@ -83,14 +84,15 @@ pub fn accept(listener: &TcpListener, key: &Key, vm: &dyn IncomingVm) -> Incomin
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
-        if let Err(e) = wire::accept_handshake(&mut stream, key, Channel::Main) {
-            log::warn!("receive: refused connection from {peer}: {e}");
-            continue;
-        }
-        log::info!("receive: authenticated migration from {peer}");
-        match receive(&stream, peer, listener, key, vm) {
+        let stream = match creds.accept(tcp, Channel::Main, Duration::from_secs(60)) {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("receive: refused connection from {peer}: {e}");
+                continue;
+            }
+        };
+        log::info!("receive: authenticated migration from {peer} (protection: {})", creds.describe());
+        match receive(&stream, peer, listener, creds, vm) {
             Ok(inc) => {
                 log::info!("receive: VM from {peer}, {} pages received before the switch-over", inc.pages);
                 return inc;
@@ -112,10 +114,10 @@ struct Received {
 }
 
 fn receive(
-    stream: &TcpStream,
+    stream: &Conn,
     peer: SocketAddr,
     listener: &TcpListener,
-    key: &Key,
+    creds: &Credentials,
     vm: &dyn IncomingVm,
 ) -> Result<Incoming> {
     let br: Box<dyn Read + Send> = Box::new(BufReader::with_capacity(1 << 20, stream.try_clone()?));
@@ -127,11 +129,11 @@ fn receive(
     let mem = vm.memory_for(&first.payload)?;
     let space = PageSpace::of(&mem);
     let digests = Digests::filled(space.pages(), zero_digest());
-    let got = frames_until_switchover(&mut fr, stream, peer, listener, key, &mem, &space, &digests)?;
+    let got = frames_until_switchover(&mut fr, stream, peer, listener, creds, &mem, &space, &digests)?;
     let postcopy = match got.postcopy {
         None => None,
         Some((dest, mode)) => {
-            Some(PostcopyIncoming { dest, mode, rest: fr, listener: listener.try_clone()?, key: key.clone() })
+            Some(PostcopyIncoming { dest, mode, rest: fr, listener: listener.try_clone()?, creds: creds.clone() })
         }
     };
     let integrity = if postcopy.is_none() { digests.summary() } else { [0; 32] };
@@ -150,10 +152,10 @@ fn receive(
 #[allow(clippy::too_many_arguments)]
 fn frames_until_switchover(
     fr: &mut FrameReader<Box<dyn Read + Send>>,
-    stream: &TcpStream,
+    stream: &Conn,
     peer: SocketAddr,
     listener: &TcpListener,
-    key: &Key,
+    creds: &Credentials,
     mem: &GuestMem,
     space: &PageSpace,
     digests: &Digests,
@@ -167,7 +169,7 @@ fn frames_until_switchover(
                 if start.mode != "postcopy" && start.mode != "enlightened" {
                     return Err(Error::from(format!("unknown post-copy mode `{}`", start.mode)));
                 }
-                let dest = start_postcopy(stream, peer, listener, key, mem)?;
+                let dest = start_postcopy(stream, peer, listener, creds, mem)?;
                 *dest.token.lock().unwrap_or_else(|e| e.into_inner()) = start.token;
                 log::info!("receive: {} post-copy from {peer}; guest RAM registered with userfaultfd", start.mode);
                 got.postcopy = Some((dest, start.mode));
@@ -205,14 +207,14 @@ fn frames_until_switchover(
 /// Registers guest RAM (untouched so far) with userfaultfd, accepts the
 /// demand connection and starts the fault and demand threads.
 fn start_postcopy(
-    stream: &TcpStream,
+    stream: &Conn,
     peer: SocketAddr,
     listener: &TcpListener,
-    key: &Key,
+    creds: &Credentials,
     mem: &GuestMem,
 ) -> Result<Arc<Dest>> {
     let dest = Arc::new(Dest::register(mem)?);
-    let demand = accept_demand(listener, key, peer)?;
+    let demand = accept_demand(listener, creds, peer)?;
     dest.set_sockets(vec![stream.try_clone()?, demand.try_clone()?]);
     let reader = demand.try_clone()?;
     let (d1, d2) = (dest.clone(), dest.clone());
@@ -230,7 +232,7 @@ pub struct PostcopyIncoming {
     rest: FrameReader<Box<dyn Read + Send>>,
     /// The listener, for the source to reconnect on if a connection breaks.
     listener: TcpListener,
-    key: Key,
+    creds: Credentials,
 }
 
 /// The guest's progress sampler for the destination's timeline: called on
@@ -239,7 +241,7 @@ pub type Sampler = Box<dyn FnOnce(Arc<AtomicBool>, Arc<Mutex<Vec<(u64, u64)>>>) 
 
 impl PostcopyIncoming {
     /// Waits for the source's `Go` (the switch-over is committed).
-    pub fn wait_go(&mut self, stream: &TcpStream) -> Result<()> {
+    pub fn wait_go(&mut self, stream: &Conn) -> Result<()> {
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         let f = self.rest.expect().map_err(|e| format!("waiting for the source to commit: {e}"))?;
         stream.set_read_timeout(None)?;
@@ -255,8 +257,8 @@ impl PostcopyIncoming {
     /// Runs the rest of the migration on background threads: pushed pages,
     /// completion, acknowledgement, reconnections; `sample` records the
     /// guest's progress for the report.
-    pub fn finish_in_background(self, stream: &TcpStream, sample: Sampler) -> Result<()> {
-        let PostcopyIncoming { dest, rest, listener, key, .. } = self;
+    pub fn finish_in_background(self, stream: &Conn, sample: Sampler) -> Result<()> {
+        let PostcopyIncoming { dest, rest, listener, creds, .. } = self;
         *dest.resumed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         let (stop, tl) = (dest.sampling_done.clone(), dest.timeline.clone());
         std::thread::spawn(move || sample(stop, tl));
@@ -271,7 +273,7 @@ impl PostcopyIncoming {
         })?;
         std::thread::Builder::new()
             .name("postcopy-resume".into())
-            .spawn(move || accept_reconnections(&dest, &listener, &key))?;
+            .spawn(move || accept_reconnections(&dest, &listener, &creds))?;
         Ok(())
     }
 
@@ -283,7 +285,7 @@ impl PostcopyIncoming {
 
 /// Accepts a post-copy source's reconnections (after a broken connection)
 /// until every page is present and a while after.
-fn accept_reconnections(dest: &Arc<Dest>, listener: &TcpListener, key: &Key) {
+fn accept_reconnections(dest: &Arc<Dest>, listener: &TcpListener, creds: &Credentials) {
     if listener.set_nonblocking(true).is_err() {
         return;
     }
@@ -307,7 +309,7 @@ fn accept_reconnections(dest: &Arc<Dest>, listener: &TcpListener, key: &Key) {
                 continue;
             }
         };
-        if let Err(e) = reattach(dest, listener, key, s, peer) {
+        if let Err(e) = reattach(dest, listener, creds, s, peer) {
             log::warn!("post-copy: reconnection from {peer}: {e}");
         }
         let _ = listener.set_nonblocking(true);
@@ -316,11 +318,14 @@ fn accept_reconnections(dest: &Arc<Dest>, listener: &TcpListener, key: &Key) {
 
 /// Authenticates a reconnecting source, checks its resume token, accepts its
 /// demand connection and hands both to the destination's threads.
-fn reattach(dest: &Arc<Dest>, listener: &TcpListener, key: &Key, mut s: TcpStream, peer: SocketAddr) -> Result<()> {
-    s.set_nonblocking(false)?;
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    wire::accept_handshake(&mut s, key, Channel::Main)?;
+fn reattach(
+    dest: &Arc<Dest>,
+    listener: &TcpListener,
+    creds: &Credentials,
+    tcp: std::net::TcpStream,
+    peer: SocketAddr,
+) -> Result<()> {
+    let s = creds.accept(tcp, Channel::Main, Duration::from_secs(10))?;
     let mut fr: FrameReader<Box<dyn Read + Send>> =
         FrameReader::new(Box::new(BufReader::with_capacity(1 << 20, s.try_clone()?)));
     let token = dest.token.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -332,13 +337,13 @@ fn reattach(dest: &Arc<Dest>, listener: &TcpListener, key: &Key, mut s: TcpStrea
     if resume.resume != token || token.is_empty() {
         return Err(Error::from("it asked to resume another migration"));
     }
-    let demand = accept_demand(listener, key, peer)?;
+    let demand = accept_demand(listener, creds, peer)?;
     s.set_read_timeout(None)?;
     dest.reattach(fr, s, demand)
 }
 
 /// Accepts the demand connection of a post-copy migration (within 10 s).
-fn accept_demand(listener: &TcpListener, key: &Key, peer: SocketAddr) -> Result<TcpStream> {
+fn accept_demand(listener: &TcpListener, creds: &Credentials, peer: SocketAddr) -> Result<Conn> {
     let deadline = Instant::now() + Duration::from_secs(10);
     listener.set_nonblocking(true)?;
     let r = loop {
@@ -346,19 +351,14 @@ fn accept_demand(listener: &TcpListener, key: &Key, peer: SocketAddr) -> Result<
             break Err(Error::from(format!("{peer} did not open the demand connection")));
         }
         match listener.accept() {
-            Ok((mut s, from)) => {
-                let _ = s.set_nonblocking(false);
-                let _ = s.set_nodelay(true);
-                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-                match wire::accept_handshake(&mut s, key, Channel::Demand) {
-                    Ok(()) => {
-                        let _ = s.set_read_timeout(None);
-                        crate::transport::mark_interactive(&s);
-                        break Ok(s);
-                    }
-                    Err(e) => log::warn!("receive: refused a demand connection from {from}: {e}"),
+            Ok((tcp, from)) => match creds.accept(tcp, Channel::Demand, Duration::from_secs(10)) {
+                Ok(s) => {
+                    let _ = s.set_read_timeout(None);
+                    crate::transport::mark_interactive(&s);
+                    break Ok(s);
                 }
-            }
+                Err(e) => log::warn!("receive: refused a demand connection from {from}: {e}"),
+            },
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
             Err(e) => break Err(Error::from(format!("accepting the demand connection: {e}"))),
         }

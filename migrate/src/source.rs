@@ -18,7 +18,7 @@
 //! The VM is reached only through [`MigratableVm`].
 
 use std::io::{BufReader, BufWriter};
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -33,13 +33,13 @@ use crate::progress::Mode;
 use crate::push::Source;
 use crate::report::{ByteCounts, Integrity, PageCounts, Postcopy, Report, Timeline};
 use crate::space::{self, Digests, PageSpace, PAGE_SIZE};
-use crate::transport::{self, SharedCounting};
+use crate::transport::{self, Conn, Credentials, SharedCounting};
 use crate::vm::MigratableVm;
-use crate::wire::{self, control, Channel, FrameReader, FrameWriter, Key, Kind};
+use crate::wire::{self, control, Channel, FrameReader, FrameWriter, Kind};
 use crate::PUSH_BATCH;
 
-type Writer = FrameWriter<BufWriter<SharedCounting<TcpStream>>>;
-type Reader = FrameReader<BufReader<TcpStream>>;
+type Writer = FrameWriter<BufWriter<SharedCounting<Conn>>>;
+type Reader = FrameReader<BufReader<Conn>>;
 
 /// Largest `State` frame.
 const STATE_CHUNK: usize = 8 << 20;
@@ -52,7 +52,7 @@ fn sending(e: wire::WireError) -> Error {
     Error::Protocol(format!("sending: {e}"))
 }
 
-fn writer(vm: &dyn MigratableVm, stream: &TcpStream) -> Result<Writer> {
+fn writer(vm: &dyn MigratableVm, stream: &Conn) -> Result<Writer> {
     let s = stream.try_clone().map_err(|e| e.to_string())?;
     Ok(FrameWriter::new(BufWriter::with_capacity(1 << 20, vm.status().counting(s))))
 }
@@ -112,7 +112,7 @@ fn send_state(vm: &dyn MigratableVm, fw: &mut Writer) -> Result<u64> {
 
 /// Waits for the destination's answer to the switch-over: `Ack` with the
 /// digest of the memory it received, or `Abort`.
-fn await_ack(fr: &mut Reader, stream: &TcpStream) -> Result<[u8; 32]> {
+fn await_ack(fr: &mut Reader, stream: &Conn) -> Result<[u8; 32]> {
     stream.set_read_timeout(Some(transport::ACK_TIMEOUT))?;
     let f = fr.expect().map_err(|e| format!("the destination did not confirm the restore: {e}"))?;
     match f.kind {
@@ -127,7 +127,7 @@ fn await_ack(fr: &mut Reader, stream: &TcpStream) -> Result<[u8; 32]> {
 /// Migrates `vm` to the destination `to` (host:port) in `mode`. On success
 /// the VM runs there, [`MigratableVm::migrated`] was called and the report
 /// is returned; on failure before the commit the VM keeps running here.
-pub fn migrate(vm: &dyn MigratableVm, to: &str, key: &Key, mode: Mode) -> Result<Report> {
+pub fn migrate(vm: &dyn MigratableVm, to: &str, creds: &Credentials, mode: Mode) -> Result<Report> {
     let status = vm.status();
     if status.json().is_some() {
         return Err(Error::from("a migration is already in progress"));
@@ -137,8 +137,8 @@ pub fn migrate(vm: &dyn MigratableVm, to: &str, key: &Key, mode: Mode) -> Result
     }
     status.start(mode);
     let t0 = Instant::now();
-    let r = transport::connect(to, key).and_then(|stream| match mode {
-        Mode::Postcopy | Mode::Enlightened => postcopy(vm, to, key, stream, mode, t0),
+    let r = transport::connect(to, creds).and_then(|stream| match mode {
+        Mode::Postcopy | Mode::Enlightened => postcopy(vm, to, creds, stream, mode, t0),
         Mode::StopAndCopy | Mode::Precopy => copy(vm, to, &stream, mode, t0),
     });
     status.end();
@@ -146,7 +146,7 @@ pub fn migrate(vm: &dyn MigratableVm, to: &str, key: &Key, mode: Mode) -> Result
 }
 
 /// Stop-and-copy and pre-copy.
-fn copy(vm: &dyn MigratableVm, to: &str, stream: &TcpStream, mode: Mode, t0: Instant) -> Result<Report> {
+fn copy(vm: &dyn MigratableVm, to: &str, stream: &Conn, mode: Mode, t0: Instant) -> Result<Report> {
     let mut paused_here = false;
     let mut logging = false;
     let result = copy_over(vm, stream, mode, t0, &mut paused_here, &mut logging);
@@ -213,7 +213,7 @@ fn precopy_rounds(vm: &dyn MigratableVm, fw: &mut Writer, t0: Instant) -> Result
 /// Stop-and-copy's switch-over, after pre-copy's rounds if any.
 fn copy_over(
     vm: &dyn MigratableVm,
-    stream: &TcpStream,
+    stream: &Conn,
     mode: Mode,
     t0: Instant,
     paused_here: &mut bool,
@@ -286,8 +286,8 @@ fn copy_over(
 struct Links {
     fw: Writer,
     fr: Reader,
-    stream: TcpStream,
-    demand: TcpStream,
+    stream: Conn,
+    demand: Conn,
     server: Option<JoinHandle<Result<()>>>,
 }
 
@@ -319,14 +319,21 @@ struct Switched {
 }
 
 /// Post-copy and enlightened post-copy.
-fn postcopy(vm: &dyn MigratableVm, to: &str, key: &Key, stream: TcpStream, mode: Mode, t0: Instant) -> Result<Report> {
+fn postcopy(
+    vm: &dyn MigratableVm,
+    to: &str,
+    creds: &Credentials,
+    stream: Conn,
+    mode: Mode,
+    t0: Instant,
+) -> Result<Report> {
     let mut fw = writer(vm, &stream)?;
     fw.send(Kind::Config, &vm.config()?).map_err(sending)?;
     let token = transport::new_token();
     let start = control::Start { mode: mode.name().into(), token: token.clone() };
     fw.send(Kind::Info, &control::encode(&start)).map_err(sending)?;
     fw.flush().map_err(sending)?;
-    let demand = transport::connect_channel(to, key, Channel::Demand)?;
+    let demand = transport::connect_channel(to, creds, Channel::Demand)?;
     transport::mark_interactive(&demand);
     let fr = FrameReader::new(BufReader::new(stream.try_clone().map_err(|e| e.to_string())?));
     let mut links = Links { fw, fr, stream, demand, server: None };
@@ -371,7 +378,7 @@ fn postcopy(vm: &dyn MigratableVm, to: &str, key: &Key, stream: TcpStream, mode:
     // request, not to any other).
     let rounds = policy::rounds(&source.space, &source.free, maps.as_ref());
     vm.status().set(mode, "post-copy push");
-    let pushed = push_until_acked(vm, to, key, &token, mode, &source, &rounds, &mut links, t0);
+    let pushed = push_until_acked(vm, to, creds, &token, mode, &source, &rounds, &mut links, t0);
     links.close();
     let pushed = pushed?;
     vm.discard_memory();
@@ -494,7 +501,7 @@ struct Pushed {
 fn push_until_acked(
     vm: &dyn MigratableVm,
     to: &str,
-    key: &Key,
+    creds: &Credentials,
     token: &str,
     mode: Mode,
     source: &Arc<Source>,
@@ -515,7 +522,7 @@ fn push_until_acked(
                 let mut tries = 0u64;
                 *links = loop {
                     std::thread::sleep(Duration::from_millis(500));
-                    match reconnect(vm, to, key, token, source) {
+                    match reconnect(vm, to, creds, token, source) {
                         Ok(l) => break l,
                         Err(e) => {
                             tries += 1;
@@ -568,12 +575,12 @@ fn push_once(
 
 /// Re-establishes both connections of a post-copy migration whose
 /// connection broke, and marks the pages the destination lacks unsent.
-fn reconnect(vm: &dyn MigratableVm, to: &str, key: &Key, token: &str, source: &Source) -> Result<Links> {
-    let stream = transport::connect_channel(to, key, Channel::Main)?;
+fn reconnect(vm: &dyn MigratableVm, to: &str, creds: &Credentials, token: &str, source: &Source) -> Result<Links> {
+    let stream = transport::connect_channel(to, creds, Channel::Main)?;
     let mut fw = writer(vm, &stream)?;
     fw.send(Kind::Info, &control::encode(&control::Resume { resume: token.into() }))?;
     fw.flush()?;
-    let demand = transport::connect_channel(to, key, Channel::Demand)?;
+    let demand = transport::connect_channel(to, creds, Channel::Demand)?;
     transport::mark_interactive(&demand);
     stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
     let mut fr = FrameReader::new(BufReader::new(stream.try_clone().map_err(|e| e.to_string())?));

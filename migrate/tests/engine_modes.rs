@@ -17,6 +17,7 @@ use bitmap_abi::Class;
 use migrate::policy::GuestMaps;
 use migrate::progress::{Mode, Progress};
 use migrate::space::{GuestMem, PAGE_SIZE};
+use migrate::transport::Credentials;
 use migrate::vm::{IncomingVm, MigratableVm};
 use migrate::wire::Key;
 use serde_json::{json, Value};
@@ -179,14 +180,23 @@ fn page(mem: &GuestMem, gpa: u64) -> Vec<u8> {
     b
 }
 
-/// Migrates a fresh fake VM in `mode`; returns the source's report after
-/// checking every destination page against the source at suspension.
+const SECRET: &[u8] = b"engine test key, at least thirty-two bytes long";
+
+fn tls() -> Credentials {
+    Credentials::shared_key(SECRET).unwrap()
+}
+
+/// Migrates a fresh fake VM in `mode` over TLS; returns the source's report
+/// after checking every destination page against the source at suspension.
 fn migrate_in(mode: Mode) -> Value {
+    migrate_with(mode, tls())
+}
+
+fn migrate_with(mode: Mode, key: Credentials) -> Value {
     let vm = FakeVm::new();
     std::thread::sleep(Duration::from_millis(50)); // the vCPU is writing
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let to = listener.local_addr().unwrap().to_string();
-    let key = Key::derive(b"engine test key, at least 16 bytes long");
     let dest_key = key.clone();
     let dest = std::thread::spawn(move || {
         let mut inc = migrate::receive::accept(&listener, &dest_key, &FakeHost);
@@ -275,7 +285,7 @@ fn a_refused_migration_leaves_the_source_running() {
     let vm = FakeVm::new();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let to = listener.local_addr().unwrap().to_string();
-    let key = Key::derive(b"engine test key, at least 16 bytes long");
+    let key = tls();
     let dest_key = key.clone();
     let dest = std::thread::spawn(move || {
         let mut inc = migrate::receive::accept(&listener, &dest_key, &FakeHost);
@@ -288,5 +298,32 @@ fn a_refused_migration_leaves_the_source_running() {
     assert!(!vm.migrated.load(Ordering::Acquire));
     std::thread::sleep(Duration::from_millis(50));
     assert!(vm.writes.load(Ordering::Relaxed) > before, "the VM runs on");
+    assert!(vm.status.json().is_none(), "no migration in progress afterwards");
+}
+
+#[test]
+fn plaintext_only_when_both_ends_ask_and_a_tls_source_never_talks_to_it() {
+    // --insecure at both ends: the same protocol without TLS.
+    let r = migrate_with(Mode::Postcopy, Credentials::insecure(Key::derive(SECRET)));
+    assert_eq!(r["integrity"]["match"], true, "{r}");
+    // A TLS source and a plaintext destination (or a wrong key) never start a migration.
+    let vm = FakeVm::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let to = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let plain = Credentials::insecure(Key::derive(SECRET));
+        migrate::receive::accept(&listener, &plain, &FakeHost);
+    });
+    let e = migrate::source::migrate(&vm, &to, &tls(), Mode::StopAndCopy).unwrap_err();
+    assert!(e.to_string().contains("TLS"), "{e}");
+    let wrong = Credentials::shared_key(b"another key, also thirty-two bytes or more").unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let to = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        migrate::receive::accept(&listener, &wrong, &FakeHost);
+    });
+    let e = migrate::source::migrate(&vm, &to, &tls(), Mode::Enlightened).unwrap_err();
+    assert!(e.to_string().contains("TLS"), "{e}");
+    assert!(!vm.migrated.load(Ordering::Acquire));
     assert!(vm.status.json().is_none(), "no migration in progress afterwards");
 }

@@ -43,13 +43,23 @@ fn fill(mem: &GuestMem, regions: &[(u64, u64)]) {
     }
 }
 
-fn pair() -> (TcpStream, TcpStream) {
+/// A connected pair of TLS streams (shared key), as a migration's connections.
+fn pair() -> (tls_stream::Stream, tls_stream::Stream) {
+    let cfg = tls_stream::Config::shared_key(b"postcopy engine test key of 32+ bytes").unwrap();
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-    let (b, _) = l.accept().unwrap();
+    let addr = l.local_addr().unwrap();
+    let server = {
+        let cfg = cfg.clone();
+        std::thread::spawn(move || {
+            let (b, _) = l.accept().unwrap();
+            b.set_nodelay(true).unwrap();
+            cfg.accept(b).unwrap()
+        })
+    };
+    let a = TcpStream::connect(addr).unwrap();
     a.set_nodelay(true).unwrap();
-    b.set_nodelay(true).unwrap();
-    (a, b)
+    let a = cfg.connect(a, "127.0.0.1").unwrap();
+    (a, server.join().unwrap())
 }
 
 struct Outcome {

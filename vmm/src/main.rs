@@ -39,6 +39,46 @@ struct Cli {
     command: Command,
 }
 
+/// How the migration's connections authenticate and encrypt (both ends alike).
+#[derive(Args, Debug, Clone)]
+struct SecurityArgs {
+    /// The shared migration key (from `vmm keygen`; at least 32 bytes, mode 0600). Both
+    /// hosts use the same file; it authenticates TLS unless X.509 files are given.
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
+    /// X.509 instead of a key: this host's certificate chain (PEM).
+    #[arg(long, value_name = "PEM", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// X.509: this host's private key (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// X.509: the CA certificate(s) that sign the other host's certificate (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// X.509, on `vmm receive`: accept only a source whose certificate is valid for NAME
+    /// (like QEMU's tls-authz).
+    #[arg(long, value_name = "NAME", requires = "tls_cert")]
+    tls_peer: Option<String>,
+    /// No encryption: guest memory crosses the network in clear and frames can be
+    /// altered in transit (the key file still authenticates each connection's start).
+    /// For a trusted, isolated link only.
+    #[arg(long, conflicts_with = "tls_cert")]
+    insecure: bool,
+}
+
+impl SecurityArgs {
+    fn into_security(self) -> migrate::transport::Security {
+        migrate::transport::Security {
+            key_file: self.key_file,
+            tls_cert: self.tls_cert,
+            tls_key: self.tls_key,
+            tls_ca: self.tls_ca,
+            tls_peer: self.tls_peer,
+            insecure: self.insecure,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Boot and run a VM until it ends.
@@ -75,9 +115,8 @@ enum Command {
         /// Address to listen on, e.g. 0.0.0.0:7000.
         #[arg(long, value_name = "ADDR")]
         listen: String,
-        /// File with the shared migration key (the source uses the same file).
-        #[arg(long, value_name = "FILE")]
-        key_file: PathBuf,
+        #[command(flatten)]
+        security: SecurityArgs,
         /// Serial console output: `stdout` or a file path.
         #[arg(long, value_name = "stdout|FILE", default_value = "stdout")]
         serial: String,
@@ -101,6 +140,15 @@ enum Command {
         #[arg(long, value_name = "SIZE", value_parser = parse_mem)]
         prealloc: Option<u64>,
     },
+    /// Write a new migration key file (32 random bytes, mode 0600; never overwrites).
+    ///
+    /// Both ends of a migration use the same file: it authenticates the TLS connections
+    /// (each end derives the same certificate from it and accepts only that one).
+    Keygen {
+        /// The key file to create.
+        #[arg(value_name = "FILE")]
+        path: PathBuf,
+    },
     /// Migrate a running VM to a `vmm receive` destination and print the report.
     ///
     /// Modes (all four in one binary; the report's fields are the thesis' metrics:
@@ -116,7 +164,13 @@ enum Command {
     ///                  sent) and a priority map (kernel, page tables, active processes
     ///                  first); needs the guest module (Linux) or the testbed guest.
     ///
-    /// Example: vmm migrate --api-sock /run/vm.sock --to 10.0.0.2:7000 --key-file mig.key
+    /// Every connection is TLS 1.3, authenticated both ways by the key file (both hosts hold
+    /// the same file, from `vmm keygen`) or by X.509 certificates (--tls-cert/--tls-key/
+    /// --tls-ca, the destination's certificate valid for the host in --to); plaintext
+    /// only with --insecure.
+    ///
+    /// Example: vmm keygen mig.key  (then copy mig.key to the destination, mode 0600)
+    ///          vmm migrate --api-sock /run/vm.sock --to 10.0.0.2:7000 --key-file mig.key
     ///          --enlightened --report report.json
     #[command(verbatim_doc_comment)]
     Migrate {
@@ -132,9 +186,8 @@ enum Command {
         /// stop-and-copy, precopy, postcopy or enlightened [default: enlightened].
         #[arg(long, value_name = "MODE")]
         mode: Option<String>,
-        /// File with the shared migration key.
-        #[arg(long, value_name = "FILE")]
-        key_file: PathBuf,
+        #[command(flatten)]
+        security: SecurityArgs,
         /// Also write the JSON report to this file.
         #[arg(long, value_name = "FILE")]
         report: Option<PathBuf>,
@@ -335,13 +388,13 @@ fn run_vm(cfg: VmConfig, api_sock: Option<PathBuf>, session: Option<String>) -> 
 /// Waits for an incoming migration and runs the VM it brings.
 fn receive(
     listen: &str,
-    key_file: &std::path::Path,
+    security: &migrate::transport::Security,
     serial: &str,
     api_sock: Option<PathBuf>,
     disk_map: Vec<(PathBuf, PathBuf)>,
     nets: Vec<NetSpec>,
 ) -> ExitCode {
-    let key = match vmm::migration::load_key(key_file) {
+    let key = match security.load() {
         Ok(k) => k,
         Err(e) => {
             eprintln!("vmm: {e}");
@@ -539,22 +592,37 @@ fn main() -> ExitCode {
             cfg.nets = nets;
             run_vm(cfg, api_sock, session)
         }
-        Command::Receive { listen, key_file, serial, api_sock, disk_map, nets, prealloc } => {
+        Command::Keygen { path } => match migrate::transport::write_key_file(&path) {
+            Ok(()) => {
+                println!("{}", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vmm: {e}");
+                ExitCode::from(EXIT_BAD_INPUT)
+            }
+        },
+        Command::Receive { listen, security, serial, api_sock, disk_map, nets, prealloc } => {
             if let Some(bytes) = prealloc {
                 if let Err(e) = pager::staging::prepare_pool(bytes) {
                     log::warn!("receive: cannot prepare huge pages: {e}");
                 }
             }
-            receive(&listen, &key_file, &serial, api_sock, disk_map, nets)
+            receive(&listen, &security.into_security(), &serial, api_sock, disk_map, nets)
         }
-        Command::Migrate { api_sock, to, enlightened, mode, key_file, report } => {
+        Command::Migrate { api_sock, to, enlightened, mode, security, report } => {
             let mode = if enlightened { "enlightened".to_string() } else { mode.unwrap_or("enlightened".into()) };
             if let Err(e) = vmm::migration::Mode::parse(&mode) {
                 eprintln!("vmm: {e}");
                 return ExitCode::from(EXIT_BAD_INPUT);
             }
-            let key_file = std::path::absolute(&key_file).unwrap_or(key_file);
-            let req = serde_json::json!({"command": "migrate", "to": to, "mode": mode, "key_file": key_file});
+            // The source VMM reads the files: give it absolute paths.
+            let security = security.into_security().absolute();
+            if let Err(e) = security.load() {
+                eprintln!("vmm: {e}");
+                return ExitCode::from(EXIT_BAD_INPUT);
+            }
+            let req = serde_json::json!({"command": "migrate", "to": to, "mode": mode, "security": security});
             // Progress on stderr while the migration runs.
             let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let watcher = {

@@ -16,13 +16,12 @@ use std::path::Path;
 
 use migrate::receive::Incoming;
 use migrate::space::GuestMem;
+use migrate::transport::Credentials;
 use migrate::vm::IncomingVm;
-use migrate::wire::Key;
 
 use crate::memory;
 use crate::snapshot::{Snapshot, SnapshotConfig, SnapshotReader};
 pub use migrate::progress::{Mode, Progress};
-pub use migrate::transport::load_key;
 
 /// This VMM as a migration destination.
 pub struct Host;
@@ -41,8 +40,8 @@ impl IncomingVm for Host {
 
 /// Waits for a migration that authenticates and delivers a valid stream up
 /// to the switch-over (see [`migrate::receive::accept`]).
-pub fn accept(listener: &TcpListener, key: &Key) -> Incoming {
-    migrate::receive::accept(listener, key, &Host)
+pub fn accept(listener: &TcpListener, creds: &Credentials) -> Incoming {
+    migrate::receive::accept(listener, creds, &Host)
 }
 
 /// The VM state a migration brought, checked against its announced shape.

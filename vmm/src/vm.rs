@@ -385,9 +385,16 @@ impl ApiTarget for Shared {
     fn migrate(&self, req: &Value) -> Result<Value, String> {
         let to = req.get("to").and_then(Value::as_str).ok_or("migrate needs \"to\": \"HOST:PORT\"")?;
         let mode = Mode::parse(req.get("mode").and_then(Value::as_str).unwrap_or("enlightened"))?;
-        let key_file = req.get("key_file").and_then(Value::as_str).ok_or("migrate needs \"key_file\"")?;
-        let key = migrate::transport::load_key(std::path::Path::new(key_file))?;
-        Ok(migrate::source::migrate(self, to, &key, mode)?.to_json())
+        // "security": {key_file, tls_cert, tls_key, tls_ca, insecure}; a bare "key_file" as before.
+        let security: migrate::transport::Security = match (req.get("security"), req.get("key_file")) {
+            (Some(s), _) => serde_json::from_value(s.clone()).map_err(|e| format!("bad \"security\": {e}"))?,
+            (None, Some(Value::String(k))) => {
+                migrate::transport::Security { key_file: Some(k.into()), ..Default::default() }
+            }
+            _ => return Err("migrate needs \"security\" (or \"key_file\")".into()),
+        };
+        let creds = security.load()?;
+        Ok(migrate::source::migrate(self, to, &creds, mode)?.to_json())
     }
 }
 

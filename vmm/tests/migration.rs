@@ -21,9 +21,11 @@ fn stop_and_copy_between_two_namespaces() {
     let pair = NetnsPair::create(Some(1_000_000_000)).unwrap();
     let d = TempDir::new("mig");
     let key = d.path("key");
-    std::fs::write(&key, b"0123456789abcdef-test-migration-key").unwrap();
+    common::write_key(&key, b"0123456789abcdef-test-migration-key");
     let wrong = d.path("wrong");
-    std::fs::write(&wrong, b"fedcba9876543210-some-other-key!!").unwrap();
+    common::write_key(&wrong, b"fedcba9876543210-some-other-key!!");
+    let loose = d.path("loose");
+    std::fs::write(&loose, b"fedcba9876543210-some-other-key!!").unwrap(); // mode 0644
     let src_sock = d.path("src.sock");
     let to = format!("{DST_IP}:7001");
 
@@ -45,13 +47,14 @@ fn stop_and_copy_between_two_namespaces() {
     );
     wait_for_run_phase(&src_sock);
 
-    // A source with the wrong key is refused, and its VM keeps running.
+    // A key file others can read is refused before anything is sent.
+    let (ok, v, err) = migrate(&src_sock, &to, &loose);
+    assert!(!ok, "{v}");
+    assert!(err.contains("chmod 600"), "{v} {err}");
+    // A source with the wrong key is refused (its TLS handshake fails), and its VM keeps running.
     let (ok, v, err) = migrate(&src_sock, &to, &wrong);
     assert!(!ok, "migration with a wrong key succeeded: {v}");
-    assert!(
-        v["error"].as_str().unwrap_or("").contains("authentication failed") || err.contains("authentication"),
-        "{v} {err}"
-    );
+    assert!(v["error"].as_str().unwrap_or("").contains("TLS") || err.contains("TLS"), "{v} {err}");
     let st = api(&src_sock, "status");
     assert_eq!(st["state"], "running", "{st}");
     let before = st["workload"]["ops"].as_u64().unwrap();
@@ -87,7 +90,7 @@ fn dead_destination_leaves_the_source_running() {
     let pair = NetnsPair::create(None).unwrap();
     let d = TempDir::new("mig-dead");
     let key = d.path("key");
-    std::fs::write(&key, b"0123456789abcdef-test-migration-key").unwrap();
+    common::write_key(&key, b"0123456789abcdef-test-migration-key");
     let sock = d.path("src.sock");
     let src =
         spawn_in(&pair, Side::Src, &["run", "--testbed", "kv,share=5", "--mem", "128M", "--api-sock", path_str(&sock)]);

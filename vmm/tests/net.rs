@@ -48,7 +48,7 @@ fn the_mac_stays_and_the_new_host_announces_it() {
     let (sock_a, sock_b, sock_c) = (d.path("a.sock"), d.path("b.sock"), d.path("c.sock"));
     let snap = d.path("vm.snap");
     let key = d.path("key");
-    std::fs::write(&key, b"0123456789abcdef-test-migration-key").unwrap();
+    common::write_key(&key, b"0123456789abcdef-test-migration-key");
 
     // Bad --net options are refused before anything runs.
     for (bad, why) in [("tap=x,mac=03:00:00:00:00:01", "multicast"), ("mac=02:00:00:00:00:01", "no tap="), ("tap=", "")]
@@ -165,7 +165,7 @@ fn a_tcp_connection_to_the_guest_survives_every_migration_mode() {
     }
     let d = TempDir::new("netmig");
     let key = d.path("key");
-    std::fs::write(&key, b"0123456789abcdef-test-migration-key").unwrap();
+    common::write_key(&key, b"0123456789abcdef-test-migration-key");
     let sock = |i: usize| d.path(&format!("vm{i}.sock"));
     let net = format!("tap={},mac={MAC}", taps[0].name);
     let mut vm = spawn_piped(vmm_cmd(&[

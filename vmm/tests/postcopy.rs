@@ -203,11 +203,12 @@ impl Switched {
 /// guest gets back the free frames it held for the enlightenment.
 #[test]
 fn destination_dying_before_the_commit_leaves_the_source_running() {
-    use migrate::wire::{accept_handshake, Channel, FrameReader, Key, Kind};
+    use migrate::transport::Credentials;
+    use migrate::wire::{Channel, FrameReader, Kind};
     let d = TempDir::new("mig-die");
     let key_file = d.path("key");
     let key_bytes = b"0123456789abcdef-test-migration-key";
-    std::fs::write(&key_file, key_bytes).unwrap();
+    common::write_key(&key_file, key_bytes);
     let sock = d.path("src.sock");
     let src = spawn_piped({
         let mut c = Command::new(vmm_bin());
@@ -219,16 +220,16 @@ fn destination_dying_before_the_commit_leaves_the_source_running() {
     for mode in ["enlightened", "postcopy"] {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let to = l.local_addr().unwrap().to_string();
-        let key = Key::derive(key_bytes);
+        let key = Credentials::shared_key(key_bytes).unwrap();
         // The fake destination: authenticates both connections, reads up to
         // the switch-over and the VM state, then vanishes.
         let fake = std::thread::spawn(move || {
-            let (mut main, _) = l.accept().unwrap();
-            accept_handshake(&mut main, &key, Channel::Main).unwrap();
+            let (main, _) = l.accept().unwrap();
+            let main = key.accept(main, Channel::Main, Duration::from_secs(10)).unwrap();
             let mut fr = FrameReader::new(std::io::BufReader::new(main.try_clone().unwrap()));
             assert_eq!(fr.expect().unwrap().kind, Kind::Config);
-            let (mut demand, _) = l.accept().unwrap();
-            accept_handshake(&mut demand, &key, Channel::Demand).unwrap();
+            let (demand, _) = l.accept().unwrap();
+            let demand = key.accept(demand, Channel::Demand, Duration::from_secs(10)).unwrap();
             let mut kinds = Vec::new();
             loop {
                 let f = fr.expect().unwrap();

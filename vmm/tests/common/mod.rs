@@ -181,7 +181,7 @@ impl TwoHosts {
         let pair = netsim::NetnsPair::create(Some(rate)).unwrap();
         let dir = TempDir::new(tag);
         let key = dir.path("key");
-        std::fs::write(&key, b"0123456789abcdef-test-migration-key").unwrap();
+        write_key(&key, b"0123456789abcdef-test-migration-key");
         let (src_sock, dst_sock) = (dir.path("src.sock"), dir.path("dst.sock"));
         let to = format!("{}:{port}", netsim::DST_IP);
         let dst = spawn_in(
@@ -203,4 +203,13 @@ impl TwoHosts {
         wait_for_run_phase(&self.src_sock);
         src
     }
+}
+
+/// Writes a migration key file as `vmm keygen` would (mode 0600).
+pub fn write_key(path: &Path, secret: &[u8]) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).unwrap();
+    f.write_all(secret).unwrap();
 }
