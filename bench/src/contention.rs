@@ -178,7 +178,7 @@ pub fn run(vmm: &Path, sc: &Scenario, port: u16, workdir: &Path) -> Result<Value
 
     let epoch = unix_ms();
     let report_path = workdir.join(format!("report-{port}.json"));
-    let report = migrate_via_api(vmm, &sock("a"), &to, &sc.mode, &key, &report_path)?;
+    let report = migrate_via_api(vmm, &sock("a"), &to, &sc.mode, &key, false, &report_path)?;
     let switch_port = lan.switch_port_of(MAC_A);
     let (ok_a, parsed_a) = mslap_a.wait();
     let (ok_b, mut parsed_b) = mslap_b.wait();

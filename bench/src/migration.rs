@@ -23,6 +23,8 @@ pub struct Scenario {
     pub warmup_s: f64,
     /// Seconds the destination is watched after the migration.
     pub after_s: f64,
+    /// Plaintext (`--insecure` at both ends) instead of TLS.
+    pub insecure: bool,
 }
 
 /// One `vmm api` request; `None` if the VMM did not answer with JSON.
@@ -53,6 +55,7 @@ pub fn migrate_via_api(
     to: &str,
     mode: &str,
     key: &Path,
+    insecure: bool,
     report_path: &Path,
 ) -> Result<Value, String> {
     let out = Command::new(vmm)
@@ -60,6 +63,7 @@ pub fn migrate_via_api(
         .arg(sock)
         .args(["--to", to, "--mode", mode, "--key-file"])
         .arg(key)
+        .args(insecure.then_some("--insecure"))
         .arg("--report")
         .arg(report_path)
         .output()
@@ -93,6 +97,7 @@ pub fn run(vmm: &Path, sc: &Scenario, port: u16, workdir: &Path) -> Result<Value
     let mut dst = pair.command(Side::Dst, &vmm.to_string_lossy());
     dst.args(["receive", "--listen", &to, "--key-file"])
         .arg(&key)
+        .args(sc.insecure.then_some("--insecure"))
         .arg("--api-sock")
         .arg(&dst_sock)
         .args(["--serial", "/dev/null"])
@@ -123,7 +128,7 @@ pub fn run(vmm: &Path, sc: &Scenario, port: u16, workdir: &Path) -> Result<Value
     std::thread::sleep(Duration::from_secs_f64(sc.warmup_s));
 
     let report_path = workdir.join(format!("report-{port}.json"));
-    let mut report = migrate_via_api(vmm, &src_sock, &to, &sc.mode, &key, &report_path)?;
+    let mut report = migrate_via_api(vmm, &src_sock, &to, &sc.mode, &key, sc.insecure, &report_path)?;
     // Watch the destination.
     let mut dest_samples = Vec::new();
     let until = Instant::now() + Duration::from_secs_f64(sc.after_s);

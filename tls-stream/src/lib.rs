@@ -268,7 +268,49 @@ impl Config {
         server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         let mut client = client;
         client.resumption = rustls::client::Resumption::disabled();
-        Self { client: Arc::new(client), server: Arc::new(server), client_name, fixed_server_name, what }
+        let cfg = Self { client: Arc::new(client), server: Arc::new(server), client_name, fixed_server_name, what };
+        cfg.warm_up();
+        cfg
+    }
+
+    /// One handshake in memory, client against server: the crypto library's first use
+    /// costs ~20 ms here (one-time initialisation), which must not land in a migration's
+    /// execution transfer. Its outcome does not matter (a certificate for another name
+    /// fails, after the key exchange and signatures have run).
+    fn warm_up(&self) {
+        let name = self
+            .fixed_server_name
+            .clone()
+            .unwrap_or_else(|| ServerName::try_from("warm-up.invalid").expect("a valid name"));
+        let (Ok(mut c), Ok(mut s)) = (
+            rustls::ClientConnection::new(self.client.clone(), name),
+            rustls::ServerConnection::new(self.server.clone()),
+        ) else {
+            return;
+        };
+        for _ in 0..8 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                if c.write_tls(&mut buf).is_err() {
+                    return;
+                }
+            }
+            if s.read_tls(&mut &buf[..]).is_err() || s.process_new_packets().is_err() {
+                return;
+            }
+            buf.clear();
+            while s.wants_write() {
+                if s.write_tls(&mut buf).is_err() {
+                    return;
+                }
+            }
+            if c.read_tls(&mut &buf[..]).is_err() || c.process_new_packets().is_err() {
+                return;
+            }
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return;
+            }
+        }
     }
 
     /// What authenticates (for logs and status).

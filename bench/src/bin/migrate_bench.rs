@@ -1,7 +1,7 @@
 //! Issue 4's comparison: the four modes at 1 and 10 Gbit/s, side by side,
 //! with a `kv` guest dirtying memory (and stale data in its free memory).
 //!
-//!   migrate-bench [--mem SIZE] [--rates 1000,10000] [--modes a,b,..] [--out DIR]
+//!   migrate-bench [--mem SIZE] [--rates 1000,10000] [--modes a,b,..] [--tls on|off|both] [--out DIR]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,6 +17,7 @@ fn main() -> ExitCode {
     let mut out = PathBuf::from("target/migrate-bench");
     let mut with_qemu = true;
     let mut vcpus = 1u32;
+    let mut tls_runs = vec![true];
     let vmm = sibling_vmm();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -30,11 +31,24 @@ fn main() -> ExitCode {
             "--out" => out = PathBuf::from(val()),
             "--no-qemu" => with_qemu = false,
             "--vcpus" => vcpus = val().parse().unwrap_or(1),
+            "--tls" => {
+                tls_runs = match val().as_str() {
+                    "on" => vec![true],
+                    "off" => vec![false],
+                    "both" => vec![true, false],
+                    other => {
+                        eprintln!("migrate-bench: --tls takes on, off or both, not `{other}`");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
             "-h" | "--help" => {
                 println!(
-                    "migrate-bench [--mem 2G] [--spec {spec}] [--rates 1000,10000] [--modes ...] [--vcpus 1] [--no-qemu] [--out DIR]\n\
+                    "migrate-bench [--mem 2G] [--spec {spec}] [--rates 1000,10000] [--modes ...] [--vcpus 1] [--tls on|off|both] [--no-qemu] [--out DIR]\n\
                      Runs each mode of `vmm migrate` and (unless --no-qemu) QEMU 10's pre-copy and post-copy\n\
-                     (postcopy-preempt) on the same testbed guest and link; prints a table, writes JSON and SVG plots."
+                     (postcopy-preempt) on the same testbed guest and link; prints a table, writes JSON and SVG plots.\n\
+                     --tls: our connections with TLS 1.3 (on, the default), plaintext (off, `--insecure`), or both\n\
+                     side by side (the cost of the encryption)."
                 );
                 return ExitCode::SUCCESS;
             }
@@ -47,9 +61,10 @@ fn main() -> ExitCode {
     let mut rows = Vec::new();
     let mut port = 7300;
     for &rate in &rates {
-        for mode in &modes {
+        for (mode, tls) in modes.iter().flat_map(|m| tls_runs.iter().map(move |&t| (m, t))) {
             port += 1;
             let sc = Scenario {
+                insecure: !tls,
                 mode: mode.clone(),
                 rate_bps: rate * 1_000_000,
                 spec: spec.clone(),
@@ -58,16 +73,19 @@ fn main() -> ExitCode {
                 warmup_s: 2.0,
                 after_s: 5.0,
             };
-            eprintln!("migrate-bench: {mode} at {rate} Mbit/s ...");
+            let tag = if tls { "" } else { "-plaintext" };
+            eprintln!("migrate-bench: {mode} at {rate} Mbit/s ({}) ...", if tls { "TLS" } else { "plaintext" });
             match run(&vmm, &sc, port, &out) {
                 Ok(r) => {
                     let _ = std::fs::write(
-                        out.join(format!("{mode}-{rate}.svg")),
+                        out.join(format!("{mode}-{rate}{tag}.svg")),
                         svg(&r, &format!("{mode}, {mem} kv guest, {rate} Mbit/s")),
                     );
-                    let _ = std::fs::write(out.join(format!("{mode}-{rate}.json")), r.to_string());
+                    let _ = std::fs::write(out.join(format!("{mode}-{rate}{tag}.json")), r.to_string());
                     eprintln!("  {}", r["summary"]);
-                    rows.push(r["summary"].clone());
+                    let mut row = r["summary"].clone();
+                    row["tls"] = tls.into();
+                    rows.push(row);
                 }
                 Err(e) => {
                     eprintln!("  failed: {e}");
@@ -86,6 +104,7 @@ fn main() -> ExitCode {
             for postcopy in [false, true] {
                 port += 1;
                 let sc = Scenario {
+                    insecure: true,
                     mode: String::new(),
                     rate_bps: rate * 1_000_000,
                     spec: spec.clone(),
@@ -114,8 +133,17 @@ fn main() -> ExitCode {
     }
     let f = |v: &serde_json::Value| v.as_f64().map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into());
     println!(
-        "\n{:<14} {:>6} {:>12} {:>10} {:>10} {:>9} {:>10} {:>12} {:>9}",
-        "mode", "Gbit/s", "exec xfer ms", "downtime", "total ms", "MiB sent", "fault p99", "back to 90%", "integrity"
+        "\n{:<14} {:>5} {:>6} {:>12} {:>10} {:>10} {:>9} {:>10} {:>12} {:>9}",
+        "mode",
+        "TLS",
+        "Gbit/s",
+        "exec xfer ms",
+        "downtime",
+        "total ms",
+        "MiB sent",
+        "fault p99",
+        "back to 90%",
+        "integrity"
     );
     for r in &rows {
         if r.get("error").is_some() {
@@ -123,8 +151,13 @@ fn main() -> ExitCode {
             continue;
         }
         println!(
-            "{:<14} {:>6} {:>12} {:>10} {:>10} {:>9.0} {:>10} {:>12} {:>9}",
+            "{:<14} {:>5} {:>6} {:>12} {:>10} {:>10} {:>9.0} {:>10} {:>12} {:>9}",
             r["mode"].as_str().unwrap_or(""),
+            match r["tls"].as_bool() {
+                Some(true) => "yes",
+                Some(false) => "no",
+                None => "-",
+            },
             r["rate_gbps"],
             f(&r["execution_transfer_ms"]),
             f(&r["downtime_ms"]),

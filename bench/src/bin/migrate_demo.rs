@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         mem: "2G".into(),
         vcpus: 2,
         warmup_s: 2.0,
+        insecure: false,
         after_s: 2.0,
     };
     let mut out = PathBuf::from("target/demo");
