@@ -163,7 +163,7 @@ start_receive() {
   [ -f "$WORK/key" ] || (umask 077; head -c 32 /dev/urandom >"$WORK/key")
   chmod 600 "$WORK/key"
   log "vmm receive $name on 127.0.0.1:$port"
-  "$VMM" receive --listen "127.0.0.1:$port" --key-file "$WORK/key" "${VMM_RECV_ARGS[@]}" --serial "$OUT/$name.serial" \
+  "$VMM" receive --listen "127.0.0.1:$port" --key-file "$WORK/key" --same-paths "${VMM_RECV_ARGS[@]}" --serial "$OUT/$name.serial" \
     --api-sock "$WORK/$name.sock" >"$OUT/$name.stdout" 2>"$OUT/$name.stderr" &
   VM_PID[$name]=$!
   local i

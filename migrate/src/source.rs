@@ -159,6 +159,7 @@ fn copy(vm: &dyn MigratableVm, to: &str, stream: &Conn, mode: Mode, t0: Instant)
         Ok(report) => {
             log::info!("migrated to {to}: {}", report.to_json());
             // The VM stays paused here; it ends once the reply is out.
+            vm.committed();
             vm.migrated();
             Ok(report)
         }
@@ -480,6 +481,7 @@ fn switch_over(
     await_ack(&mut links.fr, &links.stream)?;
     vm.status().check()?;
     vm.status().committed.store(true, Ordering::Release);
+    vm.committed();
     links.fw.send(Kind::Go, &[]).map_err(sending)?;
     links.fw.flush().map_err(sending)?;
     Ok(Switched { t_pause, suspension_ms, free_info, state_bytes, t_state })

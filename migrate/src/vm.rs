@@ -52,6 +52,10 @@ pub trait MigratableVm: Sync {
     /// The VM now runs at the destination: end it here once the migration's
     /// reply is out.
     fn migrated(&self);
+    /// The switch-over is committed (the destination will run the VM, this
+    /// end never again): hand over what exactly one VMM may hold, such as
+    /// the disk images' locks. Called once, before the destination is told.
+    fn committed(&self) {}
 }
 
 /// A VMM waiting for a migration.

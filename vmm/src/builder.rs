@@ -395,6 +395,8 @@ fn build(
     let legacy = attach_legacy(&fd, serial_out, restore.as_ref())?;
     let mut mmio = Bus::default();
     let mut virtio = Vec::new();
+    let disk_locks =
+        if cfg.defer_disk_locks { Vec::new() } else { crate::disk_lock::DiskLock::acquire_all(&cfg.disks, None)? };
     let blocks = attach_disks(&fd, &mem, &cfg, &mut mmio, &mut virtio)?;
     let nets = attach_nets(&fd, &mem, &cfg, restore.as_ref(), &mut mmio, &mut virtio)?;
     let window = enlighten_window(&cfg, restore.as_ref(), testbed_spec.is_some(), &virtio)?;
@@ -445,6 +447,7 @@ fn build(
         testbed: testbed_spec,
         started: Instant::now(),
         blocks,
+        disk_locks: Mutex::new(disk_locks),
         enlighten,
         nets,
         exit_after_reply: Mutex::new(None),

@@ -24,6 +24,7 @@ pub mod console;
 pub mod control;
 pub mod cpuid;
 pub mod devices;
+pub mod disk_lock;
 pub mod enlighten;
 pub mod error;
 pub mod linux;

@@ -139,6 +139,13 @@ enum Command {
         /// stops when a migration arrives; what is ready by then is used.
         #[arg(long, value_name = "SIZE", value_parser = parse_mem)]
         prealloc: Option<u64>,
+        /// Open each disk and TAP at the path and name the source used (storage mounted
+        /// at the same place on both hosts, TAPs named alike). Without it this host decides:
+        /// every disk of the incoming VM needs --disk OLD=NEW and every network device a
+        /// --net tap=NAME, or the migration is refused (the source keeps its VM). The
+        /// stream never chooses what this VMM opens.
+        #[arg(long)]
+        same_paths: bool,
     },
     /// Write a new migration key file (32 random bytes, mode 0600; never overwrites).
     ///
@@ -385,6 +392,9 @@ fn run_vm(cfg: VmConfig, api_sock: Option<PathBuf>, session: Option<String>) -> 
     }
 }
 
+/// How long a destination waits for the source to let go of the disks at the commit.
+const DISK_HANDOVER: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Waits for an incoming migration and runs the VM it brings.
 fn receive(
     listen: &str,
@@ -393,6 +403,7 @@ fn receive(
     api_sock: Option<PathBuf>,
     disk_map: Vec<(PathBuf, PathBuf)>,
     nets: Vec<NetSpec>,
+    same_paths: bool,
 ) -> ExitCode {
     let key = match security.load() {
         Ok(k) => k,
@@ -421,7 +432,13 @@ fn receive(
         );
         cfg.disk_map = disk_map.clone();
         cfg.nets = nets.clone();
+        // The source holds the disks' locks until it commits.
+        cfg.defer_disk_locks = true;
         let built = vmm::migration::state_of(&inc)
+            .and_then(|reader| {
+                vmm::migration::check_host_resources(&reader, &disk_map, &nets, same_paths)?;
+                Ok(reader)
+            })
             .and_then(|reader| Vm::create_incoming(cfg, inc.mem.clone(), reader).map_err(|e| e.to_string()));
         let vm = match built {
             Ok(vm) => vm,
@@ -452,8 +469,19 @@ fn receive(
                 eprintln!("vmm: post-copy from {peer}: {e}");
                 return ExitCode::from(EXIT_GUEST_FAILED);
             }
+            // The source let go of the disks before its `Go`. Should another VMM hold one,
+            // the VM (which lives only here now: its memory keeps arriving) waits for it.
+            while let Err(e) = vm.shared().take_disk_locks(DISK_HANDOVER) {
+                log::error!("receive: {e}; the VM waits, paused, until its disks are free");
+            }
             log::info!("receive: VM from {peer} resumed; its memory follows (post-copy)");
         } else {
+            if let Err(e) = vm.shared().take_disk_locks(DISK_HANDOVER) {
+                eprintln!(
+                    "vmm: {e}: the source did not hand its disks over (it may run the VM still); discarding the VM"
+                );
+                continue;
+            }
             log::info!("receive: VM from {peer} restored; running it");
         }
         return serve_and_run(vm, api_sock);
@@ -602,13 +630,13 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_INPUT)
             }
         },
-        Command::Receive { listen, security, serial, api_sock, disk_map, nets, prealloc } => {
+        Command::Receive { listen, security, serial, api_sock, disk_map, nets, prealloc, same_paths } => {
             if let Some(bytes) = prealloc {
                 if let Err(e) = pager::staging::prepare_pool(bytes) {
                     log::warn!("receive: cannot prepare huge pages: {e}");
                 }
             }
-            receive(&listen, &security.into_security(), &serial, api_sock, disk_map, nets)
+            receive(&listen, &security.into_security(), &serial, api_sock, disk_map, nets, same_paths)
         }
         Command::Migrate { api_sock, to, enlightened, mode, security, report } => {
             let mode = if enlightened { "enlightened".to_string() } else { mode.unwrap_or("enlightened".into()) };

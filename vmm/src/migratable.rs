@@ -104,6 +104,9 @@ impl MigratableVm for Shared {
         memory::discard(&self.mem);
     }
 
+    fn committed(&self) {
+        self.release_disk_locks();
+    }
     fn migrated(&self) {
         debug_assert!(self.migration.committed.load(Ordering::Acquire) || self.control.is_paused());
         *self.exit_after_reply.lock().unwrap_or_else(|e| e.into_inner()) = Some(ExitReason::Migrated);

@@ -44,6 +44,44 @@ pub fn accept(listener: &TcpListener, creds: &Credentials) -> Incoming {
     migrate::receive::accept(listener, creds, &Host)
 }
 
+/// The destination decides what it opens: each disk of the incoming VM must
+/// be mapped by `--disk OLD=NEW` and each network device given a TAP by
+/// `--net`, unless the operator allowed the source's own paths and names
+/// (`same_paths`).
+pub fn check_host_resources(
+    reader: &SnapshotReader,
+    disk_map: &[(std::path::PathBuf, std::path::PathBuf)],
+    nets: &[crate::vm::NetSpec],
+    same_paths: bool,
+) -> Result<(), String> {
+    if same_paths {
+        return Ok(());
+    }
+    let c = &reader.snapshot.config;
+    let unmapped: Vec<String> = c
+        .disks
+        .iter()
+        .filter(|d| !disk_map.iter().any(|(old, _)| old == *d))
+        .map(|d| d.display().to_string())
+        .collect();
+    if !unmapped.is_empty() {
+        return Err(format!(
+            "the VM's disk(s) {} have no --disk OLD=NEW here (or --same-paths to open the source's paths)",
+            unmapped.join(", ")
+        ));
+    }
+    if nets.len() < c.nets.len() {
+        let taps: Vec<&str> = c.nets.iter().skip(nets.len()).map(|n| n.tap.as_str()).collect();
+        return Err(format!(
+            "the VM has {} network device(s) and only {} --net tap=NAME here (the source's TAP(s): {}; or --same-paths)",
+            c.nets.len(),
+            nets.len(),
+            taps.join(", ")
+        ));
+    }
+    Ok(())
+}
+
 /// The VM state a migration brought, checked against its announced shape.
 pub fn state_of(inc: &Incoming) -> Result<SnapshotReader, String> {
     let snapshot: Snapshot =

@@ -71,6 +71,9 @@ pub struct VmConfig {
     /// (its MAC stays the snapshot's); devices without an entry use the TAP
     /// the snapshot names.
     pub nets: Vec<NetSpec>,
+    /// Take the disk images' locks later ([`Shared::take_disk_locks`]): a
+    /// migration's destination, whose source holds them until its commit.
+    pub defer_disk_locks: bool,
 }
 
 /// One `--net` option.
@@ -111,6 +114,7 @@ impl VmConfig {
             disk_map: Vec::new(),
             console_input: true,
             nets: Vec::new(),
+            defer_disk_locks: false,
         }
     }
 }
@@ -143,6 +147,24 @@ pub(crate) fn window(i: usize) -> crate::snapshot::DeviceWindow {
     }
 }
 
+impl Shared {
+    /// A migration's destination, after the source's commit: takes every disk
+    /// image's lock, waiting up to `wait` for the source to let go.
+    pub fn take_disk_locks(&self, wait: std::time::Duration) -> Result<(), VmError> {
+        let locks = crate::disk_lock::DiskLock::acquire_all(&self.config.disks, Some(wait))?;
+        *self.disk_locks.lock().unwrap_or_else(|e| e.into_inner()) = locks;
+        Ok(())
+    }
+
+    /// Lets go of the disk images (the VM runs elsewhere from now on).
+    pub fn release_disk_locks(&self) {
+        let n = std::mem::take(&mut *self.disk_locks.lock().unwrap_or_else(|e| e.into_inner())).len();
+        if n > 0 {
+            log::info!("released the locks of {n} disk image(s) to the destination");
+        }
+    }
+}
+
 /// State shared by the run loop, the vCPU threads and the API server.
 pub struct Shared {
     pub control: Arc<Control>,
@@ -158,6 +180,9 @@ pub struct Shared {
     pub testbed: Option<WorkloadSpec>,
     pub started: Instant,
     pub blocks: Vec<VirtioBlockHandle>,
+    /// The locks on the disk images ([`crate::disk_lock`]); empty until taken
+    /// on a migration's destination, emptied at a migration's commit here.
+    pub disk_locks: Mutex<Vec<crate::disk_lock::DiskLock>>,
     /// The enlightenment device (testbed VMs).
     pub enlighten: Option<VirtioEnlightenHandle>,
     /// The network devices, in the order of `config.nets`.
