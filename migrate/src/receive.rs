@@ -30,6 +30,10 @@ use crate::transport::{Conn, Credentials};
 use crate::vm::IncomingVm;
 use crate::wire::{self, control, Channel, FrameReader, FrameWriter, Kind};
 
+/// How long a post-copy destination whose main connection broke before the
+/// source's `Go` waits for the source to reconnect (it retries every 0.5 s).
+pub const RESUME_WAIT: Duration = Duration::from_secs(60);
+
 /// Most VM state accepted (sum of the `State` frames).
 pub const MAX_STATE: usize = 256 << 20;
 
@@ -240,10 +244,25 @@ pub struct PostcopyIncoming {
 pub type Sampler = Box<dyn FnOnce(Arc<AtomicBool>, Arc<Mutex<Vec<(u64, u64)>>>) + Send>;
 
 impl PostcopyIncoming {
-    /// Waits for the source's `Go` (the switch-over is committed).
+    /// Waits for the source's commit: its `Go`, or, if the main connection
+    /// broke around it, the source reconnecting with the migration's token
+    /// (a source reconnects only once committed) within [`RESUME_WAIT`].
+    /// An `Abort`, or neither within the wait, is an error: the source keeps
+    /// (or has resumed) its VM, and this copy must not run.
     pub fn wait_go(&mut self, stream: &Conn) -> Result<()> {
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let f = self.rest.expect().map_err(|e| format!("waiting for the source to commit: {e}"))?;
+        let f = match self.rest.expect() {
+            Ok(f) => f,
+            Err(e) => {
+                log::warn!(
+                    "post-copy: no commit on the main connection ({e}); waiting {} s for the source to reconnect",
+                    RESUME_WAIT.as_secs()
+                );
+                return self
+                    .wait_resume()
+                    .map_err(|r| Error::from(format!("waiting for the source to commit: {e}; {r}")));
+            }
+        };
         stream.set_read_timeout(None)?;
         match f.kind {
             Kind::Go => Ok(()),
@@ -252,6 +271,35 @@ impl PostcopyIncoming {
             }
             other => Err(Error::from(format!("expected the source's commit, got a {other:?} frame"))),
         }
+    }
+
+    /// The source's reconnection after a lost `Go` (see [`Self::wait_go`]).
+    fn wait_resume(&mut self) -> Result<()> {
+        let deadline = Instant::now() + RESUME_WAIT;
+        self.listener.set_nonblocking(true)?;
+        let r = loop {
+            if Instant::now() > deadline {
+                break Err(Error::from("the source did not reconnect: it did not commit"));
+            }
+            let (tcp, peer) = match self.listener.accept() {
+                Ok(c) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+                Err(e) => break Err(Error::from(format!("accepting the source's reconnection: {e}"))),
+            };
+            match reattach(&self.dest, &self.listener, &self.creds, tcp, peer) {
+                Ok(()) => {
+                    log::info!("post-copy: the source reconnected after the commit; resuming the VM here");
+                    break Ok(());
+                }
+                Err(e) => log::warn!("post-copy: a connection from {peer} while waiting for the commit: {e}"),
+            }
+            let _ = self.listener.set_nonblocking(true);
+        };
+        self.listener.set_nonblocking(false)?;
+        r
     }
 
     /// Runs the rest of the migration on background threads: pushed pages,

@@ -49,6 +49,8 @@ struct FakeVm {
     writes: Arc<AtomicU64>,
     released: AtomicU64,
     migrated: AtomicBool,
+    /// Runs at the commit, before the destination is told (a test cuts the link there).
+    on_commit: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl FakeVm {
@@ -69,6 +71,7 @@ impl FakeVm {
             writes: Arc::new(AtomicU64::new(0)),
             released: AtomicU64::new(0),
             migrated: AtomicBool::new(false),
+            on_commit: Mutex::new(None),
         };
         vm.start_vcpu();
         vm
@@ -161,6 +164,11 @@ impl MigratableVm for FakeVm {
     fn discard_memory(&self) {}
     fn migrated(&self) {
         self.migrated.store(true, Ordering::Release);
+    }
+    fn committed(&self) {
+        if let Some(f) = self.on_commit.lock().unwrap().take() {
+            f();
+        }
     }
 }
 
@@ -326,4 +334,81 @@ fn plaintext_only_when_both_ends_ask_and_a_tls_source_never_talks_to_it() {
     assert!(e.to_string().contains("TLS"), "{e}");
     assert!(!vm.migrated.load(Ordering::Acquire));
     assert!(vm.status.json().is_none(), "no migration in progress afterwards");
+}
+
+/// A TCP relay to `to` whose current connections can be cut at once (new
+/// ones pass again), as a link that breaks and comes back.
+struct Relay {
+    addr: String,
+    live: Arc<Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Relay {
+    fn start(to: String) -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let live = Arc::new(Mutex::new(Vec::new()));
+        let live2 = live.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(a) = c else { return };
+                let Ok(b) = std::net::TcpStream::connect(&to) else { continue };
+                let _ = (a.set_nodelay(true), b.set_nodelay(true));
+                live2.lock().unwrap().extend([a.try_clone().unwrap(), b.try_clone().unwrap()]);
+                for (mut x, mut y) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut x, &mut y);
+                        let _ = y.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Self { addr, live }
+    }
+    fn cut(&self) {
+        for s in self.live.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+#[test]
+fn a_commit_lost_with_the_link_completes_on_reconnection() {
+    // The link breaks exactly at the post-copy commit: the source has committed (it never
+    // runs the VM again) but its `Go` never arrives. The source reconnects with the
+    // migration's token; the destination takes that as the commit and runs the VM, and
+    // every page arrives.
+    let vm = FakeVm::new();
+    std::thread::sleep(Duration::from_millis(50));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let relay = Arc::new(Relay::start(listener.local_addr().unwrap().to_string()));
+    let r2 = relay.clone();
+    *vm.on_commit.lock().unwrap() = Some(Box::new(move || r2.cut()));
+    let creds = tls();
+    let dest_creds = creds.clone();
+    let dest = std::thread::spawn(move || {
+        let mut inc = migrate::receive::accept(&listener, &dest_creds, &FakeHost);
+        inc.confirm().unwrap();
+        let mut pc = inc.postcopy.take().expect("post-copy");
+        pc.wait_go(&inc.stream).expect("the reconnection commits");
+        let d = pc.dest.clone();
+        pc.finish_in_background(&inc.stream, Box::new(|_, _| {})).unwrap();
+        let t = std::time::Instant::now();
+        while !d.done.load(Ordering::Acquire) {
+            assert!(t.elapsed() < Duration::from_secs(60), "every page arrives");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        inc
+    });
+    let report = migrate::source::migrate(&vm, &relay.addr, &creds, Mode::Postcopy).unwrap().to_json();
+    let inc = dest.join().unwrap();
+    assert_eq!(report["integrity"]["match"], true, "{report}");
+    assert!(report["reconnections"].as_u64().unwrap_or(0) >= 1, "{report}");
+    assert!(vm.migrated.load(Ordering::Acquire));
+    assert!(*vm.paused.lock().unwrap(), "the source never resumed its committed VM");
+    for &(base, len) in &REGIONS {
+        for gpa in (base..base + len).step_by(PAGE_SIZE as usize) {
+            assert!(page(&inc.mem, gpa) == page(&vm.mem, gpa), "page {gpa:#x} differs");
+        }
+    }
 }
